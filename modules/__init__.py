@@ -1,0 +1,1 @@
+"""The attention modules, one file each; importing a file registers its module."""

@@ -1,0 +1,60 @@
+"""SPE, the seed's self-adaptive pooling module (published as SPEM, MMM 2023).
+
+Global max and min pooling replace the usual average: both go through one per-channel affine
+map (w2, b2), and a learned mix of the two (weights p_hat from two raw scalars per block)
+drives a second gate. out = sigmoid(M' + m') * sigmoid(w1 * (p_hat0 M' + p_hat1 m') + b1) * x.
+"""
+
+import torch
+from torch import Tensor, nn
+
+from attnbench.registry import Tunable, register
+
+
+class SPEGate(nn.Module):
+    """At init w1 = w2 = 0 and b1 = b2 = -1, so every block's attention is exactly
+    sigmoid(-2) * sigmoid(-1) = 0.0321 whatever the input; p = (p0, p1) sets the initial mix.
+
+    extra_loss() is alpha * sum(p^2): it pulls the magnitude of p towards 0, which makes the
+    mix, which depends only on p0 : p1, increasingly sensitive as training goes on.
+    """
+
+    def __init__(self, channels: int, *, p0: float = 0.5, p1: float = 0.5, alpha: float = 0.1):
+        super().__init__()
+        shape = (1, channels, 1, 1)
+        self.w1 = nn.Parameter(torch.zeros(shape))
+        self.b1 = nn.Parameter(torch.full(shape, -1.0))
+        self.w2 = nn.Parameter(torch.zeros(shape))
+        self.b2 = nn.Parameter(torch.full(shape, -1.0))
+        self.p = nn.Parameter(torch.tensor([p0, p1]))
+        self.alpha = alpha
+
+    def attention(self, x: Tensor) -> Tensor:
+        # One pass over x for both extremes instead of separate amax and amin.
+        low, high = torch.aminmax(x.flatten(2), dim=2)
+        high = self.w2 * high[:, :, None, None] + self.b2
+        low = self.w2 * low[:, :, None, None] + self.b2
+        p_sq = self.p * self.p
+        p_hat = p_sq / p_sq.sum()
+        mix = self.w1 * (p_hat[0] * high + p_hat[1] * low) + self.b1
+        return (high + low).sigmoid() * mix.sigmoid()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.attention(x)
+
+    def extra_loss(self) -> Tensor:
+        return self.alpha * (self.p * self.p).sum()
+
+
+register(
+    "spe",
+    "self-adaptive pooling: learned mix of global max and min pooling gates the channels",
+    gate=SPEGate,
+    aliases=("spem", "spenet"),
+    tunable={
+        # Only p0 : p1 sets the initial mix; the magnitude and alpha set how fast it collapses.
+        "p0": Tunable(0.05, 5.0, log=True),
+        "p1": Tunable(0.05, 5.0, log=True),
+        "alpha": Tunable(1e-3, 1.0, log=True),
+    },
+)
