@@ -1,0 +1,158 @@
+"""Backbones and the five seed modules against REFERENCE.md sections 1 and 3."""
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from attnbench import registry
+from attnbench.errors import UserError
+from attnbench.models import build_model
+
+# REFERENCE.md section 1 and 3: exact parameter counts of ResNet-164 (post-activation).
+BASE = {10: 1_704_154, 100: 1_727_284}
+EXTRA = {"none": 0, "se": 202_104, "cbam": 207_504, "iebn": 24_224, "spe": 32_364}
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("classes", [10, 100])
+@pytest.mark.parametrize("module", sorted(EXTRA))
+def test_resnet164_parameter_counts(module, classes):
+    assert n_params(build_model(module, 164, classes)) == BASE[classes] + EXTRA[module]
+
+
+@pytest.mark.parametrize("classes, expected", [(10, 1_703_258), (100, 1_726_388)])
+def test_preresnet164_parameter_count(classes, expected):
+    assert n_params(build_model("none", 164, classes, arch="preresnet")) == expected
+
+
+def test_spe_extra_params_are_4c_plus_2_per_block():
+    # 18 blocks per stage, C = 64, 128, 256.
+    assert EXTRA["spe"] == 18 * sum(4 * c + 2 for c in (64, 128, 256))
+
+
+@pytest.mark.parametrize("arch", ["resnet", "preresnet"])
+@pytest.mark.parametrize("block, depth", [("bottleneck", 11), ("basic", 8)])
+@pytest.mark.parametrize("module", sorted(EXTRA))
+def test_output_shape_and_every_parameter_learns(module, arch, block, depth):
+    torch.manual_seed(0)
+    model = build_model(module, depth, 10, arch=arch, block=block)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def loss_and_grads():
+        opt.zero_grad()
+        out = model(x)
+        assert out.shape == (4, 10)
+        loss = F.cross_entropy(out, y)
+        extra = model.extra_loss()
+        (loss if extra is None else loss + extra).backward()
+
+    # One step first: CBAM's spatial BN starts at weight 0, which blocks its conv's gradient at init.
+    loss_and_grads()
+    opt.step()
+    loss_and_grads()
+    assert not [n for n, p in model.named_parameters() if p.grad is None]
+    if block == "bottleneck":  # basic blocks' SE has 1 hidden unit at C=16, and it may be a dead ReLU
+        assert not [n for n, p in model.named_parameters() if p.grad.abs().sum() == 0]
+
+
+def test_resnet164_forward_shape():
+    assert build_model("spe", 164, 100)(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+
+
+@pytest.mark.parametrize("block, depth", [("bottleneck", 21), ("basic", 9), ("bottleneck", 2)])
+def test_invalid_depth_names_valid_forms(block, depth):
+    with pytest.raises(UserError, match=r"n\+2"):
+        build_model("none", depth, 10, block=block)
+
+
+def test_spe_initial_attention_is_00321_for_any_input():
+    gate = registry.get("spe").make_gate(64, None, {})
+    a = gate.attention(torch.randn(3, 64, 8, 8) * 5)
+    expected = torch.sigmoid(torch.tensor(-2.0)) * torch.sigmoid(torch.tensor(-1.0))
+    assert torch.allclose(a, expected.expand_as(a))
+    assert round(expected.item(), 4) == 0.0321
+
+
+def test_spe_matches_formula_with_random_parameters():
+    torch.manual_seed(1)
+    gate = registry.get("spe").make_gate(8, None, {"p0": 0.3, "p1": 1.7})
+    with torch.no_grad():
+        for p in (gate.w1, gate.b1, gate.w2, gate.b2):
+            p.normal_()
+    x = torch.randn(2, 8, 5, 5)
+    big = x.amax(dim=(2, 3), keepdim=True)
+    small = x.amin(dim=(2, 3), keepdim=True)
+    big2, small2 = gate.w2 * big + gate.b2, gate.w2 * small + gate.b2
+    p_hat = torch.tensor([0.3**2, 1.7**2]) / (0.3**2 + 1.7**2)
+    mix = gate.w1 * (p_hat[0] * big2 + p_hat[1] * small2) + gate.b1
+    expected = torch.sigmoid(big2 + small2) * torch.sigmoid(mix) * x
+    assert torch.allclose(gate(x), expected, atol=1e-6)
+    assert torch.isclose(gate.extra_loss(), torch.tensor(0.1 * (0.3**2 + 1.7**2)))
+
+
+def test_resnet_extra_loss_sums_spe_blocks():
+    model = build_model("spe", 20, 10, block="basic")  # 9 blocks, p = (0.5, 0.5) each
+    assert torch.isclose(model.extra_loss(), torch.tensor(9 * 0.1 * 0.5))
+    assert build_model("se", 20, 10, block="basic").extra_loss() is None
+
+
+def test_iebn_initial_gate_and_formula():
+    torch.manual_seed(2)
+    norm = registry.get("iebn").make_norm(6, {})
+    x = torch.randn(4, 6, 5, 5) * 3 + 1
+    assert torch.allclose(norm.gate(x), torch.full((4, 6, 1, 1), 1 / (1 + math.e)))
+    with torch.no_grad():
+        for p in (norm.gamma, norm.beta, norm.gate_weight, norm.gate_bias):
+            p.normal_()
+    mean = x.mean(dim=(0, 2, 3), keepdim=True)
+    var = x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    s = torch.sigmoid(x.mean(dim=(2, 3), keepdim=True) * norm.gate_weight + norm.gate_bias)
+    expected = (x - mean) / torch.sqrt(var + 1e-5) * (norm.gamma * s) + norm.beta
+    assert torch.allclose(norm(x), expected, atol=1e-5)
+
+
+def test_iebn_replaces_every_block_and_stem_bn_but_not_projection_bn():
+    model = build_model("iebn", 11, 10)
+    iebn = type(registry.get("iebn").make_norm(4, {}))
+    kinds = {name: type(m) for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert {n for n, k in kinds.items() if k is not iebn} == {
+        "stages.0.0.shortcut.1", "stages.1.0.shortcut.1", "stages.2.0.shortcut.1"}
+    assert sum(k is iebn for k in kinds.values()) == 1 + 3 * 3
+
+
+def test_se_matches_formula():
+    torch.manual_seed(3)
+    gate = registry.get("se").make_gate(32, None, {})
+    x = torch.randn(2, 32, 4, 4)
+    a = torch.sigmoid(gate.fc2(torch.relu(gate.fc1(x.mean(dim=(2, 3))))))
+    assert gate.fc1.out_features == 2
+    assert torch.allclose(gate(x), x * a[:, :, None, None], atol=1e-6)
+
+
+def test_cbam_matches_formula_and_starts_with_half_open_spatial_gate():
+    torch.manual_seed(4)
+    gate = registry.get("cbam").make_gate(32, None, {}).eval()
+    assert gate.spatial_bn.weight.item() == 0 and gate.spatial_bn.momentum == 0.01
+    with torch.no_grad():
+        gate.spatial_bn.weight.fill_(0.7)
+        gate.spatial_bn.running_mean.fill_(0.2)
+    x = torch.randn(2, 32, 6, 6)
+    mlp = gate.mlp
+    a = torch.sigmoid(mlp(x.mean(dim=(2, 3))) + mlp(x.amax(dim=(2, 3))))[:, :, None, None]
+    x1 = a * x
+    maps = torch.cat([x1.amax(dim=1, keepdim=True), x1.mean(dim=1, keepdim=True)], dim=1)
+    conv = F.conv2d(maps, gate.spatial_conv.weight, padding=3)
+    bn = (conv - 0.2) / math.sqrt(1 + 1e-5) * 0.7 + gate.spatial_bn.bias
+    assert torch.allclose(gate(x), x1 * torch.sigmoid(bn), atol=1e-5)
+
+
+def test_conv_init_follows_the_originals():
+    torch.manual_seed(5)
+    conv = build_model("none", 164, 10).stages[2][5].conv2  # 3x3, 64 -> 64
+    assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (9 * 64)), rel=0.05)
