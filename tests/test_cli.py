@@ -1,0 +1,105 @@
+"""The command line end to end: the grid, storage, skipping, the leaderboard, and bad input."""
+
+import pandas as pd
+import pytest
+
+from attnbench.cli import main
+from attnbench.storage import RunStore, open_storage
+
+TINY = ["--preset", "quick", "--train-size", "256", "--epochs", "1", "--no-progress"]
+
+
+def run_cli(tmp_path, *args):
+    return main([*TINY, "--results-dir", str(tmp_path / "results"), *args])
+
+
+@pytest.fixture
+def results(tmp_path):
+    (tmp_path / "results").mkdir()
+    return tmp_path / "results"
+
+
+def one_line_error(capsys, code, *needles):
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err
+    return err
+
+
+def test_list_shows_every_module_with_kind_and_extra_params(capsys):
+    assert main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for line in ("spe", "+32,364", "iebn", "norm", "+24,224", "se", "+202,104", "cbam", "+207,504"):
+        assert line in out
+
+
+def test_grid_writes_leaderboard_and_skips_completed_runs(tmp_path, results, capsys):
+    assert run_cli(tmp_path, "--modules", "se", "--seeds", "0,1") == 0
+    out, err = capsys.readouterr()
+    board = (results / "leaderboard.md").read_text()
+    assert out.strip().endswith(board.strip().splitlines()[-1])
+    assert "## synthetic: resnet-8 (basic), 1 epochs" in board
+    runs = pd.read_csv(results / "runs.csv")
+    assert sorted(zip(runs["module"], runs["seed"])) == [("none", 0), ("none", 1), ("se", 0), ("se", 1)]
+    assert set(runs["state"]) == {"COMPLETE"}
+    assert runs["params"].tolist()[0] > 0
+    row = board.splitlines()[[i for i, l in enumerate(board.splitlines()) if l.startswith("| se ")][0]]
+    se = runs[runs["module"] == "se"]["best_acc"]
+    assert f"{se.mean():.2f} ± {se.std():.2f}" in row
+    assert len(list((results / "checkpoints").glob("*.pt"))) == 4
+
+    assert run_cli(tmp_path, "--modules", "se", "--seeds", "0,1") == 0
+    err = capsys.readouterr().err
+    assert err.count("already complete, skipped") == 4
+    store = RunStore(open_storage(None, results))
+    assert len(store.study.trials) == 4
+
+
+def test_interrupted_run_is_resumed_in_a_new_trial(tmp_path, results, capsys):
+    # Leave a RUNNING trial behind, as a killed process would, then run the same command.
+    from attnbench.config import preset
+
+    store = RunStore(open_storage(None, results))
+    cfg = preset("quick", train_size=256, epochs=1, module="none", dataset="synthetic")
+    store.start(cfg, {"params": 1})
+    assert run_cli(tmp_path, "--no-baseline", "--modules", "none") == 0
+    states = sorted(t.state.name for t in RunStore(open_storage(None, results)).study.trials)
+    assert states == ["COMPLETE", "FAIL"]
+
+
+def test_unknown_module_is_one_line_and_writes_nothing(tmp_path, results, capsys):
+    code = run_cli(tmp_path, "--modules", "se,sse")
+    one_line_error(capsys, code, "unknown module 'sse'", "available: cbam, iebn, none, se, spe")
+    assert not list(results.iterdir())
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--seeds", "0,x"], ["'x' is not an integer"]),
+    (["--datasets", "mnist"], ["unknown dataset 'mnist'"]),
+    (["--depth", "9"], ["depth 9 is not valid for basic blocks"]),
+    (["--amp", "bf16", "--device", "cpu"], ["needs a CUDA device"]),
+    (["--opt", "spe.q=1", "--modules", "spe"], ["has no option q"]),
+    (["--storage", "sqlite:////nonexistent/dir/runs.db"], ["is unreachable"]),
+    (["--storage", "/nonexistent/dir/runs.journal"], ["does not exist"]),
+    (["--datasets", "cifar10", "--data-dir", "/nonexistent"], ["/nonexistent", "--download"]),
+])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, results, capsys, args, needles):
+    one_line_error(capsys, run_cli(tmp_path, *args), *needles)
+    assert not list(results.iterdir())
+
+
+def test_diverging_run_is_recorded_as_failed_and_the_grid_goes_on(tmp_path, results, capsys):
+    code = run_cli(tmp_path, "--modules", "se", "--lr", "1e38")
+    assert code == 1
+    runs = pd.read_csv(results / "runs.csv")
+    assert list(runs["state"]) == ["FAIL", "FAIL"]
+    assert runs["fail_reason"].str.contains("training loss became").all()
+    assert "No completed runs yet" in (results / "leaderboard.md").read_text()
+
+
+def test_module_options_make_their_own_runs(tmp_path, results, capsys):
+    assert run_cli(tmp_path, "--no-baseline", "--modules", "spe", "--opt", "spe.p0=2.0") == 0
+    runs = pd.read_csv(results / "runs.csv")
+    assert list(runs["module"]) == ["spe (p0=2)"]

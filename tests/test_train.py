@@ -1,0 +1,83 @@
+"""The trainer: reproducibility, resume after a kill, divergence, and learning on real CIFAR images."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from attnbench.config import preset
+from attnbench.data import load_dataset
+from attnbench.train import Diverged, Runtime, lr_at, train
+
+CPU = Runtime(device=torch.device("cpu"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = preset("quick", module="spe", epochs=3, milestones=(2,), train_size=384, batch_size=64)
+    return cfg, load_dataset("synthetic", "unused", size=cfg.train_size)
+
+
+def final_weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_lr_schedule_is_the_papers():
+    cfg = preset("paper")
+    assert [lr_at(cfg, e) for e in (0, 80, 81, 121, 122, 163)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+def test_same_seed_gives_bit_identical_weights(tiny, tmp_path):
+    cfg, splits = tiny
+    train(cfg, splits, CPU, tmp_path / "a.pt")
+    train(cfg, splits, CPU, tmp_path / "b.pt")
+    a, b = final_weights(tmp_path / "a.pt"), final_weights(tmp_path / "b.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = tmp_path / "c.pt"
+    train(replace(cfg, seed=1), splits, CPU, c)
+    assert not torch.equal(final_weights(c)["fc.weight"], a["fc.weight"])
+
+
+def test_resume_after_interruption_gives_the_same_final_weights(tiny, tmp_path):
+    cfg, splits = tiny
+    whole = train(cfg, splits, CPU, tmp_path / "whole.pt")
+
+    def kill_after_first_epoch(record):
+        if record["epoch"] == 0:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "killed.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, splits, CPU, ckpt, on_epoch=kill_after_first_epoch)
+    assert len(torch.load(ckpt, weights_only=True)["history"]) == 1
+    seen = []
+    resumed = train(cfg, splits, CPU, ckpt, on_epoch=seen.append)
+    assert [r["epoch"] for r in seen] == [0, 1, 2]  # the restored epoch is re-reported, then two new ones
+    a, b = final_weights(tmp_path / "whole.pt"), final_weights(ckpt)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["eval_acc"] for r in resumed.history] == [r["eval_acc"] for r in whole.history]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_checkpoint_of_another_run_is_refused(tiny, tmp_path):
+    cfg, splits = tiny
+    ckpt = tmp_path / "x.pt"
+    train(replace(cfg, epochs=1), splits, CPU, ckpt)
+    with pytest.raises(Exception, match="belongs to another run"):
+        train(replace(cfg, epochs=1, seed=5), splits, CPU, ckpt)
+
+
+def test_exploding_loss_raises_diverged(tiny):
+    cfg, splits = tiny
+    with pytest.raises(Diverged, match="training loss became"):
+        train(replace(cfg, lr=1e38, epochs=1), splits, CPU)
+
+
+def test_short_run_on_real_cifar_images_beats_chance(mini_cifar_dir):
+    cfg = preset("quick", dataset="cifar10", epochs=3, lr=0.1)
+    splits = load_dataset("cifar10", mini_cifar_dir)
+    result = train(cfg, splits, CPU)
+    print("mini CIFAR-10 test accuracy per epoch:", [r["eval_acc"] for r in result.history])
+    assert result.best_acc > 25.0  # chance is 10%
+    assert [r["lr"] for r in result.history] == [0.1, 0.1, 0.1]
+    assert all(r["train_loss"] > 0 and r["seconds"] > 0 for r in result.history)
