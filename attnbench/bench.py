@@ -1,65 +1,94 @@
-"""The grid: every (module, dataset, seed) of one recipe, run once each, results in the store.
+"""The grid: every (module, dataset, seed) of one recipe, run exactly once, results in the store.
 
-Runs already complete in the store are skipped and unfinished ones resume from their
-checkpoint, so re-running the same command after a crash finishes the grid without redoing work.
+The launcher queues the runs that are not yet done; then one worker (this process) or several
+(attnbench.workers) take runs from the queue until it is empty. Runs already complete are never
+queued again, and a run whose worker died resumes from its checkpoint in another worker.
 """
 
 from __future__ import annotations
 
+import os
+import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pandas as pd
 
 from attnbench import leaderboard
 from attnbench.config import RunConfig
-from attnbench.files import write_text
 from attnbench.data import Splits, load_dataset
+from attnbench.files import write_text
 from attnbench.models import build_model
-from attnbench.storage import RunStore, environment
+from attnbench.storage import Heartbeat, RunStore, environment
 from attnbench.train import Diverged, Runtime, train
-
-
-def load_splits(cfg: RunConfig, data_dir: Path, download: bool, rt: Runtime) -> Splits:
-    # The hold-out is drawn with seed 0 whatever the run's seed: every module and seed is then
-    # tuned and compared on the same validation images.
-    return load_dataset(cfg.dataset, data_dir, download=download, val_split=cfg.val_split, seed=0,
-                        device=rt.device, size=cfg.train_size or None)
-
-
-def run_one(cfg: RunConfig, splits: Splits, store: RunStore, rt: Runtime, checkpoint_dir: Path, preset_name: str) -> str:
-    """Train one run into the store; returns 'complete' or 'failed: reason'."""
-    params = sum(p.numel() for p in build_model(cfg.module, cfg.depth, splits.num_classes, cfg.arch, cfg.block,
-                                                 cfg.module_options).parameters())
-    trial = store.start(cfg, {"params": params, "preset": preset_name, "env": environment(rt.device)})
-    started = time.perf_counter()
-    try:
-        result = train(cfg, splits, rt, checkpoint_dir / f"{cfg.key()}.pt",
-                       on_epoch=lambda r: trial.report(r["eval_acc"], r["epoch"]))
-    except Diverged as exc:
-        store.fail(trial, str(exc))
-        return f"failed: {exc}"
-    store.finish(trial, result.best_acc, {
-        "best_acc": result.best_acc, "best_epoch": result.best_epoch, "last_acc": result.last_acc,
-        "history": result.history, "seconds": time.perf_counter() - started,
-    })
-    return "complete"
-
-
-def run_grid(configs: list[RunConfig], splits: dict[tuple, Splits], store: RunStore, rt: Runtime,
-             checkpoint_dir: Path, preset_name: str) -> None:
-    for i, cfg in enumerate(configs, 1):
-        name = f"[{i}/{len(configs)}] {cfg.label} on {cfg.dataset}, seed {cfg.seed}"
-        if store.is_complete(cfg):
-            print(f"{name}: already complete, skipped", file=sys.stderr)
-            continue
-        outcome = run_one(cfg, splits[data_key(cfg)], store, rt, checkpoint_dir, preset_name)
-        print(f"{name}: {outcome}", file=sys.stderr)
 
 
 def data_key(cfg: RunConfig) -> tuple:
     return (cfg.dataset, cfg.train_size, cfg.val_split)
+
+
+class SplitCache:
+    """Loads each dataset once per process, on the process's device."""
+
+    def __init__(self, data_dir: Path, download: bool, rt: Runtime):
+        self.data_dir, self.download, self.rt = data_dir, download, rt
+        self.loaded: dict[tuple, Splits] = {}
+
+    def __getitem__(self, cfg: RunConfig) -> Splits:
+        key = data_key(cfg)
+        if key not in self.loaded:
+            # The hold-out is drawn with seed 0 whatever the run's seed: every module and seed is
+            # then tuned and compared on the same validation images.
+            self.loaded[key] = load_dataset(cfg.dataset, self.data_dir, download=self.download,
+                                            val_split=cfg.val_split, seed=0, device=self.rt.device,
+                                            size=cfg.train_size or None)
+        return self.loaded[key]
+
+
+def run_attrs(cfg: RunConfig, splits: Splits, preset_name: str) -> dict:
+    """What the leaderboard needs about a run besides its config."""
+    model = build_model(cfg.module, cfg.depth, splits.num_classes, cfg.arch, cfg.block, cfg.module_options)
+    return {"params": sum(p.numel() for p in model.parameters()), "preset": preset_name}
+
+
+def worker_name() -> str:
+    """host:pid, so a launcher on the same host can tell a dead worker from a slow one."""
+    return f"{platform.node()}:{os.getpid()}"
+
+
+def work(store: RunStore, splits: SplitCache, rt: Runtime, checkpoint_dir: Path) -> int:
+    """Take runs from the queue until it is empty; returns how many failed."""
+    failed, me = 0, worker_name()
+    while (claimed := store.claim(me)) is not None:
+        trial_id, cfg = claimed
+        name = f"{cfg.label} on {cfg.dataset}, seed {cfg.seed}"
+        store.set_attrs(trial_id, {"env": environment(rt.device)})
+        started = time.perf_counter()
+        try:
+            with Heartbeat(store, trial_id):
+                result = train(cfg, splits[cfg], rt, checkpoint_dir / f"{cfg.key()}.pt",
+                               on_epoch=lambda r: store.report(trial_id, r["epoch"], r["eval_acc"]))
+        except KeyboardInterrupt:
+            store.fail(trial_id, f"interrupted in worker {me}", retry=True)
+            raise
+        except Diverged as exc:
+            store.fail(trial_id, str(exc))
+            failed += 1
+            print(f"{name}: failed: {exc}", file=sys.stderr)
+            continue
+        except Exception as exc:  # one broken run must not stop the grid; the reason is kept
+            traceback.print_exc()
+            store.fail(trial_id, f"{type(exc).__name__}: {exc}")
+            failed += 1
+            continue
+        store.finish(trial_id, result.best_acc, {
+            "best_acc": result.best_acc, "best_epoch": result.best_epoch, "last_acc": result.last_acc,
+            "history": result.history, "seconds": time.perf_counter() - started,
+        })
+        print(f"{name}: complete, best {splits[cfg].eval_name} top-1 {result.best_acc:.2f}%", file=sys.stderr)
+    return failed
 
 
 def write_outputs(runs: pd.DataFrame, results_dir: Path) -> str:

@@ -7,11 +7,13 @@ first file is written, so bad input costs one line on stderr, exit code 2, and n
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 from tabulate import tabulate
 
 from attnbench import registry
@@ -101,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory layout")
     where.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bars (default: only on an interactive terminal)")
+    where.add_argument("--leaderboard-only", action="store_true",
+                       help="train nothing: rewrite leaderboard.md and runs.csv from the storage")
+
+    par = p.add_argument_group("parallel runs")
+    par.add_argument("--workers", type=int, default=1,
+                     help="worker processes on this machine, each taking runs from the queue")
+    par.add_argument("--gpus", type=_int_list, default=(), help="one worker per listed GPU, e.g. 0,1,2,3")
+    par.add_argument("--slurm", action="store_true", help="submit --workers workers as a Slurm job array (submitit)")
+    par.add_argument("--slurm-partition", default=None, help="Slurm partition")
+    par.add_argument("--slurm-time", type=int, default=24 * 60, help="time limit per worker job, minutes")
+    par.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per worker job")
     return p
 
 
@@ -172,29 +185,70 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Imported here so that --help and --list stay fast and need no optuna import.
-    from attnbench.bench import data_key, load_splits, run_grid, write_outputs
-    from attnbench.storage import RunStore, open_storage
+    # Imported here so that --help and --list need no optuna import.
+    from attnbench.bench import SplitCache, run_attrs, work, write_outputs
+    from attnbench.storage import RunStore, open_storage, storage_url
     from attnbench.train import Runtime, check_amp, resolve_device
+    from attnbench.workers import WorkerSettings, launch, require_slurm, submit_slurm
 
     for path in args.plugin:
         registry.load_plugin(path)
     if args.list:
         print(list_modules())
         return 0
+    if args.leaderboard_only:
+        store = RunStore(open_storage(args.storage, args.results_dir), args.study)
+        print(write_outputs(store.runs(), args.results_dir))
+        return 0
     configs, _ = plan(args)
-    device = resolve_device(args.device)
+    if args.workers < 1:
+        raise UserError(f"--workers {args.workers}: need at least 1 worker")
+    if args.slurm:
+        require_slurm()
+    slots = gpu_slots(args.gpus) if args.gpus else [None] * args.workers
+    device = resolve_device("cuda" if args.gpus else args.device)
     check_amp(configs[0].amp, device)
     rt = Runtime(device=device, compile=args.compile, channels_last=not args.no_channels_last, progress=args.progress)
-    splits = {}
-    for cfg in configs:
-        if data_key(cfg) not in splits:
-            splits[data_key(cfg)] = load_splits(cfg, args.data_dir, args.download, rt)
+    in_process = len(slots) == 1 and not args.slurm
+    # Workers in other processes load their own copy; here the data is only checked, on the CPU.
+    splits = SplitCache(args.data_dir, args.download, rt if in_process else Runtime(device=torch.device("cpu")))
+    attrs = {cfg.key(): run_attrs(cfg, splits[cfg], args.preset) for cfg in configs}
     store = RunStore(open_storage(args.storage, args.results_dir), args.study)
-    run_grid(configs, splits, store, rt, args.checkpoint_dir or args.results_dir / "checkpoints", args.preset)
+    counts = store.enqueue(configs, attrs)
+    print(f"{len(configs)} runs in the grid: " + ", ".join(f"{n} {what}" for what, n in counts.items()),
+          file=sys.stderr)
+    checkpoint_dir = args.checkpoint_dir or args.results_dir / "checkpoints"
+    settings = WorkerSettings(
+        storage=storage_url(args.storage, args.results_dir), results_dir=args.results_dir, study=args.study,
+        checkpoint_dir=checkpoint_dir, data_dir=args.data_dir, download=args.download,
+        device="cuda" if args.gpus else str(device), compile=args.compile, channels_last=not args.no_channels_last,
+        threads=max(1, (os.cpu_count() or 1) // len(slots)) if device.type == "cpu" else 1,
+        plugins=tuple(args.plugin))
+    if args.slurm:
+        jobs = submit_slurm(settings, args.workers, partition=args.slurm_partition,
+                            minutes=args.slurm_time, gpus=args.slurm_gpus, folder=args.results_dir / "slurm")
+        print(f"submitted Slurm job array {jobs[0].job_id.split('_')[0]} with {len(jobs)} workers; when it is done, "
+              "run the same command with --leaderboard-only", file=sys.stderr)
+        return 0
+    if in_process:
+        work(store, splits, rt, checkpoint_dir)
+    else:
+        launch(settings, store, slots)
     runs = store.runs()
     print(write_outputs(runs, args.results_dir))
     print(f"wrote {args.results_dir / 'leaderboard.md'} and {args.results_dir / 'runs.csv'}", file=sys.stderr)
     mine = runs[runs["run_key"].isin({c.key() for c in configs})]
-    failed = set(mine.loc[mine["state"] == "FAIL", "run_key"]) - set(mine.loc[mine["state"] == "COMPLETE", "run_key"])
-    return 1 if failed else 0
+    unfinished = set(mine["run_key"]) - set(mine.loc[mine["state"] == "COMPLETE", "run_key"])
+    if unfinished:
+        print(f"{len(unfinished)} run(s) did not complete; see fail_reason in runs.csv", file=sys.stderr)
+    return 1 if unfinished else 0
+
+
+def gpu_slots(gpus: tuple[int, ...]) -> list[str | None]:
+    """One worker per listed GPU, each to be pinned to it."""
+    visible = torch.cuda.device_count()
+    bad = [g for g in gpus if not 0 <= g < visible]
+    if bad:
+        raise UserError(f"--gpus: GPU {bad[0]} does not exist ({visible} CUDA device(s) visible"
+                        + (f": 0..{visible - 1})" if visible else ")") + "; drop --gpus to train on the CPU")
+    return [str(g) for g in dict.fromkeys(gpus)]

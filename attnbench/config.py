@@ -58,6 +58,19 @@ class RunConfig:
             text += f", {self.val_split} held out for validation"
         return text + (f", {self.amp}" if self.amp else "")
 
+    def attrs(self) -> dict[str, Any]:
+        """What the store keeps about a run, so any worker can rebuild the config and group it."""
+        return {"run_key": self.key(), "recipe": self.recipe_key(), "module": self.module, "label": self.label,
+                "dataset": self.dataset, "recipe_text": self.recipe_text, "config": asdict(self)}
+
+    @classmethod
+    def from_attrs(cls, config: dict[str, Any]) -> RunConfig:
+        """Inverse of asdict() after a JSON round trip, which turns tuples into lists."""
+        values = dict(config)
+        values["milestones"] = tuple(values["milestones"])
+        values["options"] = tuple((k, v) for k, v in values["options"])
+        return cls(**values)
+
     def key(self) -> str:
         """Stable id of the run: the same config always gives the same key, across machines."""
         return _digest(asdict(self))

@@ -1,18 +1,27 @@
 """Runs live as trials of one Optuna study, so any Optuna storage (a journal file, SQLite,
-PostgreSQL) holds them and optuna-dashboard shows them.
+PostgreSQL) holds them, several workers on several machines can share them, and
+optuna-dashboard shows them.
 
-A trial is one attempt at a run. The run's identity is its key (RunConfig.key()), kept in the
-trial's user attributes with the module, dataset and recipe, because Optuna's categorical
+A trial is one attempt at a run. The run's identity is its key (RunConfig.key()), kept with the
+module, dataset and full config in the trial's user attributes, because Optuna's categorical
 parameters cannot grow new choices within a study and new modules arrive all the time; the seed
-is the one trial parameter. A run is complete when some trial with its key is COMPLETE.
+is the one trial parameter.
+
+The grid is a queue: each run to do is a WAITING trial, and a worker claims one by moving it to
+RUNNING, which Optuna makes atomic in every storage (the journal file and the databases alike).
+Optuna's own heartbeats exist only for database storages, so workers keep a lease of their own
+instead, the same for every storage: a RUNNING trial's `heartbeat` attribute is refreshed while
+it trains, and a trial whose lease has expired, or whose worker the launcher saw die, is closed as
+FAIL and queued again, to resume from its checkpoint in whichever worker claims it.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
-import warnings
-from dataclasses import asdict
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +29,15 @@ import optuna
 import pandas as pd
 import torch
 from optuna.distributions import IntDistribution
-from optuna.trial import TrialState
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from attnbench.config import RunConfig
 from attnbench.errors import UserError
 
 STUDY = "attnbench"
+LEASE_SECONDS = 300.0  # a worker silent this long is taken for dead; it beats every LEASE_SECONDS / 10
+MAX_ATTEMPTS = 3  # a run whose workers keep dying is not queued again after this many
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -41,15 +53,19 @@ def open_storage(url: str | None, results_dir: Path) -> optuna.storages.BaseStor
             raise UserError(f"storage folder {path.parent} does not exist; create it or pass another --storage")
         return JournalStorage(JournalFileBackend(str(path)))
     try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and what we need
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
     except ImportError as exc:
-        raise UserError(f"--storage {url}: the database driver is missing ({exc.name}); install it, "
-                        "e.g. pip install 'attnbench[postgres]'") from None
+        missing = getattr(exc.__cause__, "name", None) or exc.name or "a database driver"
+        raise UserError(f"--storage {url}: the database driver is missing ({missing}); install it, "
+                        "e.g. pip install 'attnbench[postgres]' for PostgreSQL") from None
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"--storage {url} is unreachable: {reason}") from None
+
+
+def storage_url(url: str | None, results_dir: Path) -> str:
+    """What a worker process needs to open the same storage as its launcher."""
+    return url or str(results_dir / "runs.journal")
 
 
 def environment(device: torch.device) -> dict[str, str]:
@@ -71,55 +87,157 @@ def environment(device: torch.device) -> dict[str, str]:
 
 
 class RunStore:
-    def __init__(self, storage: optuna.storages.BaseStorage, study_name: str = STUDY):
+    def __init__(self, storage: optuna.storages.BaseStorage, study_name: str = STUDY, lease: float = LEASE_SECONDS):
         self.storage = storage
         self.study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
                                          load_if_exists=True)
+        self.lease = lease
         self.study_id = storage.get_study_id_from_name(study_name)
 
-    def _trials(self, key: str, states: tuple[TrialState, ...]) -> list[optuna.trial.FrozenTrial]:
-        return [t for t in self.study.get_trials(deepcopy=False, states=states) if t.user_attrs.get("run_key") == key]
+    def _id(self, trial: FrozenTrial) -> int:
+        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
+
+    def _runs(self, states: tuple[TrialState, ...] | None = None) -> list[FrozenTrial]:
+        return [t for t in self.study.get_trials(deepcopy=False, states=states) if "run_key" in t.user_attrs]
+
+    def _keys(self, states: tuple[TrialState, ...]) -> set[str]:
+        return {t.user_attrs["run_key"] for t in self._runs(states)}
 
     def is_complete(self, cfg: RunConfig) -> bool:
-        return bool(self._trials(cfg.key(), (TrialState.COMPLETE,)))
+        return cfg.key() in self._keys((TrialState.COMPLETE,))
 
-    def start(self, cfg: RunConfig, attrs: dict[str, Any]) -> optuna.Trial:
-        """A new trial for the run; earlier attempts left RUNNING by a killed process are closed as failed."""
-        stale = self._trials(cfg.key(), (TrialState.RUNNING,))
+    def enqueue(self, configs: list[RunConfig], attrs: dict[str, dict[str, Any]]) -> dict[str, int]:
+        """Queue the runs that are neither complete, nor queued, nor running; count each kind."""
+        self.reclaim_expired()
+        states = {TrialState.COMPLETE: "complete", TrialState.RUNNING: "running", TrialState.WAITING: "queued"}
+        found: dict[str, str] = {}
+        for t in self._runs(tuple(states)):
+            key = t.user_attrs["run_key"]
+            if found.get(key) != "complete":
+                found[key] = states[t.state]
+        counts = {"complete": 0, "running": 0, "queued": 0, "newly queued": 0}
+        for cfg in configs:
+            status = found.get(cfg.key())
+            if status is None:
+                self._add_waiting(cfg.seed, dict(attrs[cfg.key()], **cfg.attrs()))
+                status = "newly queued"
+            counts[status] += 1
+        return counts
+
+    def _add_waiting(self, seed: int, user_attrs: dict[str, Any]) -> None:
         # A one-point distribution fixes the value; integer ranges may differ between trials.
-        trial = self.study.ask({"seed": IntDistribution(cfg.seed, cfg.seed)})
-        for old in stale:
-            old_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, old.number)
-            self.storage.set_trial_user_attr(old_id, "fail_reason", f"interrupted; resumed as trial {trial.number}")
-            self.study.tell(old.number, state=TrialState.FAIL, skip_if_finished=True)
-        attrs = dict(attrs, run_key=cfg.key(), recipe=cfg.recipe_key(), module=cfg.module, label=cfg.label,
-                     dataset=cfg.dataset, recipe_text=cfg.recipe_text, config=asdict(cfg))
-        for name, value in attrs.items():
-            trial.set_user_attr(name, value)
-        return trial
+        self.study.add_trial(create_trial(state=TrialState.WAITING, params={"seed": seed},
+                                          distributions={"seed": IntDistribution(seed, seed)},
+                                          user_attrs=user_attrs))
 
-    def finish(self, trial: optuna.Trial, best_acc: float, attrs: dict[str, Any]) -> None:
-        for name, value in attrs.items():
-            trial.set_user_attr(name, value)
-        self.study.tell(trial, best_acc)
+    def claim(self, worker: str) -> tuple[int, RunConfig] | None:
+        """Take one queued run for `worker`, or None when the queue is empty."""
+        self.reclaim_expired()
+        for t in self._runs((TrialState.WAITING,)):
+            trial_id = self._id(t)
+            if self.storage.set_trial_state_values(trial_id, TrialState.RUNNING):
+                self.storage.set_trial_user_attr(trial_id, "worker", worker)
+                self.beat(trial_id)
+                return trial_id, RunConfig.from_attrs(t.user_attrs["config"])
+        return None
 
-    def fail(self, trial: optuna.Trial, reason: str) -> None:
-        trial.set_user_attr("fail_reason", reason)
-        self.study.tell(trial, state=TrialState.FAIL)
+    def beat(self, trial_id: int) -> None:
+        self.storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
+
+    def report(self, trial_id: int, epoch: int, eval_acc: float) -> None:
+        self.storage.set_trial_intermediate_value(trial_id, epoch, eval_acc)
+
+    def set_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
+        for name, value in attrs.items():
+            self.storage.set_trial_user_attr(trial_id, name, value)
+
+    def finish(self, trial_id: int, best_acc: float, attrs: dict[str, Any]) -> None:
+        self.set_attrs(trial_id, attrs)
+        self.storage.set_trial_state_values(trial_id, TrialState.COMPLETE, [best_acc])
+
+    def fail(self, trial_id: int, reason: str, retry: bool = False) -> None:
+        """Close an attempt as FAIL; with `retry`, queue the run again unless someone else did."""
+        trial = self.storage.get_trial(trial_id)
+        try:
+            self.storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+            self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            return  # another process closed it first and owns the retry
+        key = trial.user_attrs["run_key"]
+        attempts = sum(t.user_attrs["run_key"] == key for t in self._runs((TrialState.FAIL,)))
+        if attempts >= MAX_ATTEMPTS:
+            return
+        if retry and key not in self._keys((TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)):
+            attrs = {k: v for k, v in trial.user_attrs.items() if k not in ("worker", "heartbeat", "fail_reason")}
+            self._add_waiting(trial.params["seed"], attrs)
+
+    def release_worker(self, worker: str, reason: str) -> int:
+        """Requeue the runs of a worker known to be dead; returns how many it held."""
+        held = [t for t in self._runs((TrialState.RUNNING,)) if t.user_attrs.get("worker") == worker]
+        for t in held:
+            self.fail(self._id(t), reason, retry=True)
+        return len(held)
+
+    def reclaim_expired(self) -> None:
+        """Requeue runs whose worker stopped beating, or is a process on this host that is gone."""
+        now = time.time()
+        for t in self._runs((TrialState.RUNNING,)):
+            worker = t.user_attrs.get("worker", "")
+            if _gone_from_this_host(worker):
+                self.fail(self._id(t), f"worker {worker} is no longer running", retry=True)
+            elif now - t.user_attrs.get("heartbeat", 0.0) > self.lease:
+                self.fail(self._id(t), f"worker {worker} stopped beating (lease {self.lease:g}s expired)",
+                          retry=True)
+
+    def pending(self) -> int:
+        return len(self._runs((TrialState.WAITING,)))
 
     def runs(self) -> pd.DataFrame:
-        """One row per trial that is a run (tuning trials live in other studies)."""
+        """One row per attempt at a run."""
         rows = []
-        for t in self.study.get_trials(deepcopy=False):
+        for t in self._runs():
             a = t.user_attrs
-            if "run_key" not in a:
-                continue
             rows.append({
                 "module": a["label"], "dataset": a["dataset"], "seed": t.params.get("seed"),
                 "state": t.state.name, "best_acc": a.get("best_acc"), "best_epoch": a.get("best_epoch"),
                 "last_acc": a.get("last_acc"), "epochs": len(t.intermediate_values), "params": a.get("params"),
-                "recipe": a["recipe"], "recipe_text": a["recipe_text"], "preset": a.get("preset"), "run_key": a["run_key"], "trial": t.number,
-                "seconds": a.get("seconds"), "fail_reason": a.get("fail_reason", ""),
+                "recipe": a["recipe"], "recipe_text": a["recipe_text"], "preset": a.get("preset"),
+                "run_key": a["run_key"], "trial": t.number, "seconds": a.get("seconds"),
+                "fail_reason": a.get("fail_reason", ""), "worker": a.get("worker"),
                 "device": a.get("env", {}).get("device"), "git": a.get("env", {}).get("git"),
             })
         return pd.DataFrame(rows)
+
+
+def _gone_from_this_host(worker: str) -> bool:
+    host, _, pid = worker.rpartition(":")
+    if host != platform.node() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, but someone else's
+        return False
+    return False
+
+
+class Heartbeat:
+    """Refresh a trial's lease from a background thread while the run trains."""
+
+    def __init__(self, store: RunStore, trial_id: int):
+        self.store, self.trial_id = store, trial_id
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self.stopped.wait(self.store.lease / 10):
+            self.store.beat(self.trial_id)
+
+    def __enter__(self) -> Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join()

@@ -1,9 +1,14 @@
 """The command line end to end: the grid, storage, skipping, the leaderboard, and bad input."""
 
+import platform
+import subprocess
+import sys
+
 import pandas as pd
 import pytest
 
 from attnbench.cli import main
+from attnbench.config import preset
 from attnbench.storage import RunStore, open_storage
 
 TINY = ["--preset", "quick", "--train-size", "256", "--epochs", "1", "--no-progress"]
@@ -52,21 +57,24 @@ def test_grid_writes_leaderboard_and_skips_completed_runs(tmp_path, results, cap
 
     assert run_cli(tmp_path, "--modules", "se", "--seeds", "0,1") == 0
     err = capsys.readouterr().err
-    assert err.count("already complete, skipped") == 4
+    assert "4 runs in the grid: 4 complete, 0 running, 0 queued, 0 newly queued" in err
     store = RunStore(open_storage(None, results))
     assert len(store.study.trials) == 4
 
 
-def test_interrupted_run_is_resumed_in_a_new_trial(tmp_path, results, capsys):
-    # Leave a RUNNING trial behind, as a killed process would, then run the same command.
-    from attnbench.config import preset
-
-    store = RunStore(open_storage(None, results))
+def test_run_of_a_dead_worker_is_resumed_in_a_new_trial(tmp_path, results, capsys):
+    # Leave a RUNNING trial claimed by a process of this host that no longer exists, as kill -9 would.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
     cfg = preset("quick", train_size=256, epochs=1, module="none", dataset="synthetic")
-    store.start(cfg, {"params": 1})
+    store = RunStore(open_storage(None, results))
+    store.enqueue([cfg], {cfg.key(): {"params": 1}})
+    store.claim(f"{platform.node()}:{dead}")
     assert run_cli(tmp_path, "--no-baseline", "--modules", "none") == 0
-    states = sorted(t.state.name for t in RunStore(open_storage(None, results)).study.trials)
-    assert states == ["COMPLETE", "FAIL"]
+    trials = RunStore(open_storage(None, results)).study.trials
+    assert sorted(t.state.name for t in trials) == ["COMPLETE", "FAIL"]
+    failed = next(t for t in trials if t.state.name == "FAIL")
+    assert failed.user_attrs["fail_reason"] == f"worker {platform.node()}:{dead} is no longer running"
 
 
 def test_unknown_module_is_one_line_and_writes_nothing(tmp_path, results, capsys):
@@ -84,6 +92,9 @@ def test_unknown_module_is_one_line_and_writes_nothing(tmp_path, results, capsys
     (["--storage", "sqlite:////nonexistent/dir/runs.db"], ["is unreachable"]),
     (["--storage", "/nonexistent/dir/runs.journal"], ["does not exist"]),
     (["--datasets", "cifar10", "--data-dir", "/nonexistent"], ["/nonexistent", "--download"]),
+    (["--workers", "0"], ["--workers 0: need at least 1 worker"]),
+    (["--gpus", "7"], ["GPU 7 does not exist"]),
+    (["--slurm"], ["no sbatch"]),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, results, capsys, args, needles):
     one_line_error(capsys, run_cli(tmp_path, *args), *needles)

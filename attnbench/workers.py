@@ -1,0 +1,122 @@
+"""Several workers on one machine: one process per worker (or per GPU), all taking runs from the
+study's queue, watched by the launching process.
+
+Workers on other machines need nothing from here: the same command against the same database
+storage makes them join the queue. This launcher adds what a journal file cannot do by itself:
+it notices at once when one of its workers dies, requeues that worker's run (which resumes from
+its checkpoint) and starts a replacement while runs are left.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from attnbench import registry
+from attnbench.bench import SplitCache, work
+from attnbench.errors import UserError
+from attnbench.storage import RunStore, open_storage
+from attnbench.train import Runtime
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything a fresh worker process needs, as plain picklable values."""
+
+    storage: str
+    results_dir: Path
+    study: str
+    checkpoint_dir: Path
+    data_dir: Path
+    download: bool
+    device: str
+    compile: bool
+    channels_last: bool
+    threads: int
+    plugins: tuple[str, ...] = field(default=())
+
+
+def worker_main(settings: WorkerSettings) -> int:
+    """One worker: take runs until the queue is empty; returns how many failed."""
+    torch.set_num_threads(settings.threads)
+    for path in settings.plugins:
+        registry.load_plugin(path)
+    rt = Runtime(device=torch.device(settings.device), compile=settings.compile,
+                 channels_last=settings.channels_last, progress=False)
+    store = RunStore(open_storage(settings.storage, settings.results_dir), settings.study)
+    return work(store, SplitCache(settings.data_dir, settings.download, rt), rt, settings.checkpoint_dir)
+
+
+def _process_main(settings: WorkerSettings) -> None:
+    sys.exit(1 if worker_main(settings) else 0)
+
+
+def launch(settings: WorkerSettings, store: RunStore, slots: list[str | None], poll: float = 1.0) -> None:
+    """Keep one worker per slot running while runs are queued. A slot is a GPU index to pin the
+    worker to through CUDA_VISIBLE_DEVICES, or None for a CPU worker."""
+    ctx = mp.get_context("spawn")  # fork would copy the parent's torch threads and CUDA state
+
+    def start(slot: str | None) -> mp.Process:
+        env_before = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if slot is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = slot  # a spawned child takes the environment at start
+        try:
+            proc = ctx.Process(target=_process_main, args=(settings,), daemon=False)
+            proc.start()
+        finally:
+            if slot is not None:
+                if env_before is None:
+                    os.environ.pop("CUDA_VISIBLE_DEVICES")
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = env_before
+        return proc
+
+    procs = {i: start(slot) for i, slot in enumerate(slots)}
+    host = platform.node()
+    try:
+        while procs:
+            time.sleep(poll)
+            for i, proc in list(procs.items()):
+                if proc.is_alive():
+                    continue
+                del procs[i]
+                if proc.exitcode not in (0, 1):  # 1: finished with failed runs, which are recorded
+                    held = store.release_worker(f"{host}:{proc.pid}", f"worker {host}:{proc.pid} died "
+                                                                      f"(exit code {proc.exitcode})")
+                    print(f"worker {proc.pid} died (exit code {proc.exitcode}); requeued {held} run(s)",
+                          file=sys.stderr)
+                if store.pending():
+                    procs[i] = start(slots[i])
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+            proc.join()
+
+
+def require_slurm() -> None:
+    if shutil.which("sbatch") is None:
+        raise UserError("--slurm: no sbatch on this machine's PATH; run it on a Slurm login node")
+
+
+def submit_slurm(settings: WorkerSettings, n: int, *, partition: str | None, minutes: int, gpus: int,
+                 folder: Path, executor=None) -> list:
+    """Submit n workers as one Slurm job array. They share the queue like local workers; a
+    preempted or killed job's run is requeued when its lease expires."""
+    import submitit
+
+    if executor is None:
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        executor.update_parameters(timeout_min=minutes, gpus_per_node=gpus, slurm_partition=partition,
+                                   slurm_array_parallelism=n)
+    device = "cuda" if gpus else settings.device
+    with executor.batch():
+        jobs = [executor.submit(worker_main, replace(settings, device=device)) for _ in range(n)]
+    return jobs
