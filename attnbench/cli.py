@@ -11,7 +11,7 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tabulate import tabulate
@@ -54,6 +54,16 @@ def _option_value(text: str) -> Any:
 FIELD_TYPES = {"int": int, "float": float, "str": str, "tuple[int, ...]": _int_list}
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows a flag's default only when it says something."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, (), [], argparse.SUPPRESS) or "default" in text:
+            return text
+        return text + " (default: %(default)s)"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is a UserError: one line and exit code 2, like all bad input."""
 
@@ -66,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="attnbench",
         description="Train attention modules in one shared CIFAR ResNet with one recipe, store every run, "
                     "and write a leaderboard (results/leaderboard.md).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     grid = p.add_argument_group("what to run")
     grid.add_argument("--modules", type=_names, default=[], help="comma-separated module names (see --list)")
@@ -106,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--leaderboard-only", action="store_true",
                        help="train nothing: rewrite leaderboard.md and runs.csv from the storage")
 
+    tuning = p.add_argument_group("tuning a module's initialisation (on a validation split)")
+    tuning.add_argument("--tune", metavar="MODULE", default=None,
+                        help="tune the module's declared options with Optuna, e.g. --tune spe; then train "
+                             "the best with --opt MODULE=tuned")
+    tuning.add_argument("--trials", type=int, default=50, help="finished trials the tuning study should hold")
+
     par = p.add_argument_group("parallel runs")
     par.add_argument("--workers", type=int, default=1,
                      help="worker processes on this machine, each taking runs from the queue")
@@ -117,19 +133,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_options(items: list[str], modules: list[str]) -> dict[str, dict[str, Any]]:
+def parse_options(items: list[str], modules: list[str], tuned: Callable[[str], dict[str, Any]]
+                  ) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """Options per module from MODULE.NAME=VALUE items, and the modules given as MODULE=tuned,
+    whose options come from `tuned(module)` (the best trial of its tuning study)."""
     options: dict[str, dict[str, Any]] = {}
+    variants: set[str] = set()
     for item in items:
         target, sep, value = item.partition("=")
         module, dot, name = target.partition(".")
-        if not sep or not dot or not name:
-            raise UserError(f"--opt '{item}' is not MODULE.NAME=VALUE, e.g. spe.p0=1.0")
+        if not sep or bool(dot) != bool(name) or (not dot and value != "tuned"):
+            raise UserError(f"--opt '{item}' is not MODULE.NAME=VALUE or MODULE=tuned, e.g. spe.p0=1.0")
         spec = registry.get(module)
         if spec.name not in modules:
             raise UserError(f"--opt '{item}' is for module '{spec.name}', which is not in --modules")
+        if not dot:
+            options.setdefault(spec.name, {}).update(tuned(spec.name))
+            variants.add(spec.name)
+            continue
         spec.check_options({name: None})
         options.setdefault(spec.name, {})[name] = _option_value(value)
-    return options
+    return options, variants
 
 
 def list_modules() -> str:
@@ -144,7 +168,7 @@ def list_modules() -> str:
     return table
 
 
-def plan(args: argparse.Namespace) -> tuple[list[RunConfig], list[str]]:
+def plan(args: argparse.Namespace, tuned: Callable[[str], dict[str, Any]]) -> tuple[list[RunConfig], list[str]]:
     """The grid of run configs the arguments ask for, checked; raises UserError on bad input."""
     modules = [registry.get(m).name for m in args.modules]
     if not args.no_baseline and "none" not in modules:
@@ -163,9 +187,10 @@ def plan(args: argparse.Namespace) -> tuple[list[RunConfig], list[str]]:
     blocks_per_stage(base.depth, base.block)
     if base.arch not in ("resnet", "preresnet"):
         raise UserError(f"unknown --arch '{base.arch}'; use resnet or preresnet")
-    options = parse_options(args.opt, modules)
+    options, variants = parse_options(args.opt, modules, tuned)
     configs = [
-        replace(base, module=m, dataset=d, seed=s, options=tuple(sorted(options.get(m, {}).items())))
+        replace(base, module=m, dataset=d, seed=s, options=tuple(sorted(options.get(m, {}).items())),
+                variant="tuned" if m in variants else "")
         for d in datasets for m in modules for s in args.seeds
     ]
     return configs, datasets
@@ -186,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here so that --help and --list need no optuna import.
+    from attnbench import tune
     from attnbench.bench import SplitCache, run_attrs, work, write_outputs
     from attnbench.storage import RunStore, open_storage, storage_url
     from attnbench.train import Runtime, check_amp, resolve_device
@@ -200,7 +226,9 @@ def run(args: argparse.Namespace) -> int:
         store = RunStore(open_storage(args.storage, args.results_dir), args.study)
         print(write_outputs(store.runs(), args.results_dir))
         return 0
-    configs, _ = plan(args)
+    if args.tune:
+        return run_tuning(args)
+    configs, _ = plan(args, lambda m: tune.best_options(open_storage(args.storage, args.results_dir), m))
     if args.workers < 1:
         raise UserError(f"--workers {args.workers}: need at least 1 worker")
     if args.slurm:
@@ -242,6 +270,38 @@ def run(args: argparse.Namespace) -> int:
     if unfinished:
         print(f"{len(unfinished)} run(s) did not complete; see fail_reason in runs.csv", file=sys.stderr)
     return 1 if unfinished else 0
+
+
+def run_tuning(args: argparse.Namespace) -> int:
+    from attnbench import tune
+    from attnbench.bench import SplitCache
+    from attnbench.storage import open_storage, storage_url
+    from attnbench.train import Runtime, check_amp, resolve_device
+
+    spec = tune.tunable_spec(args.tune)
+    if args.trials < 1 or args.workers < 1:
+        raise UserError("--trials and --workers must be at least 1")
+    args.modules, args.no_baseline, args.opt = [spec.name], True, []
+    configs, _ = plan(args, lambda m: {})
+    base = configs[0]
+    device = resolve_device(args.device)
+    check_amp(base.amp, device)
+    rt = Runtime(device=device, compile=args.compile, channels_last=not args.no_channels_last, progress=args.progress)
+    splits = SplitCache(args.data_dir, args.download, rt)
+    if not base.val_split:  # tuning never looks at the test set: hold out a tenth by default
+        base = replace(base, val_split=max(1, len(splits[base].train_labels) // 10))
+    storage = open_storage(args.storage, args.results_dir)
+    print(f"tuning {spec.name} on {base.dataset} ({base.recipe_text}) for {args.trials} trials", file=sys.stderr)
+    if args.workers == 1:
+        tune.optimise(storage, spec, base, splits[base], rt, args.trials)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // args.workers) if device.type == "cpu" else 1
+        tune.optimise_in_workers(args.workers, storage_url(args.storage, args.results_dir), args.results_dir,
+                                 spec.name, base, args.data_dir, args.download, args.trials, threads,
+                                 tuple(args.plugin))
+    print(tune.report(storage, spec.name, args.results_dir))
+    print(f"wrote {args.results_dir / 'tuning.md'} and {args.results_dir / 'tuning.png'}", file=sys.stderr)
+    return 0
 
 
 def gpu_slots(gpus: tuple[int, ...]) -> list[str | None]:

@@ -35,6 +35,7 @@ class RunConfig:
     val_split: int = field(default=0, metadata={"help": "hold out N training images as the evaluation set (for tuning)"})
     amp: str = field(default="", metadata={"help": "mixed precision on CUDA: bf16 or fp16 (empty = off)"})
     options: tuple[tuple[str, Any], ...] = field(default=(), metadata={"help": "module options, e.g. spe.p0=1.0"})
+    variant: str = field(default="", metadata={"help": "name for the options in tables, e.g. 'tuned'"})
 
     @property
     def module_options(self) -> dict[str, Any]:
@@ -43,6 +44,8 @@ class RunConfig:
     @property
     def label(self) -> str:
         """Module name plus its non-default options, as the leaderboard shows it."""
+        if self.variant:
+            return f"{self.module} ({self.variant})"
         if not self.options:
             return self.module
         return f"{self.module} ({', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}' for k, v in self.options)})"
@@ -77,7 +80,7 @@ class RunConfig:
 
     def recipe_key(self) -> str:
         """Id of everything but module, options and seed: runs sharing it belong in one table."""
-        recipe = {k: v for k, v in asdict(self).items() if k not in ("module", "options", "seed")}
+        recipe = {k: v for k, v in asdict(self).items() if k not in ("module", "options", "variant", "seed")}
         return _digest(recipe)
 
 
@@ -102,4 +105,4 @@ def preset(name: str, **overrides: Any) -> RunConfig:
 
 def config_fields() -> list:
     """The fields a user may override on the command line (module, dataset, seed have own flags)."""
-    return [f for f in fields(RunConfig) if f.name not in ("module", "dataset", "seed", "options")]
+    return [f for f in fields(RunConfig) if f.name not in ("module", "dataset", "seed", "options", "variant")]

@@ -40,11 +40,16 @@ Factory = Callable[..., nn.Module]
 
 @dataclass(frozen=True)
 class Tunable:
-    """A search range for one module option, read by the tuner."""
+    """A search range for one module option: the simple way to make an option tunable."""
 
     low: float
     high: float
     log: bool = False
+
+
+# A module's search space: given an Optuna trial, the module options to try. Modules whose
+# options interact (SPE: only p0 : p1 sets the mix) search a better-shaped space this way.
+Suggest = Callable[[Any], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ class ModuleSpec:
     norm: Factory | None = None
     stage: Factory | None = None
     aliases: tuple[str, ...] = ()
-    tunable: dict[str, Tunable] = field(default_factory=dict)
+    suggest: Suggest | None = None
     source: str = ""
 
     @property
@@ -120,13 +125,17 @@ def register(
     norm: Factory | None = None,
     stage: Factory | None = None,
     aliases: tuple[str, ...] = (),
-    tunable: dict[str, Tunable] | None = None,
+    tunable: dict[str, Tunable] | Suggest | None = None,
 ) -> ModuleSpec:
-    """Add a module to the registry; called once at the bottom of each module file."""
+    """Add a module to the registry; called once at the bottom of each module file.
+
+    `tunable` makes options searchable by the tuner: ranges per option, or a function from an
+    Optuna trial to options."""
     if stage is not None and gate is None:
         raise ValueError(f"module '{name}': a stage hook needs a gate that uses its state")
     source = _caller_file()
-    spec = ModuleSpec(name, description, gate, norm, stage, tuple(aliases), dict(tunable or {}), source)
+    suggest = _suggest_from_ranges(tunable) if isinstance(tunable, dict) else tunable
+    spec = ModuleSpec(name, description, gate, norm, stage, tuple(aliases), suggest, source)
     for key in (name, *aliases):
         key = key.lower()
         if key in _ALIASES:
@@ -136,6 +145,13 @@ def register(
     for key in (name, *aliases):
         _ALIASES[key.lower()] = name.lower()
     return spec
+
+
+def _suggest_from_ranges(ranges: dict[str, Tunable]) -> Suggest:
+    def suggest(trial: Any) -> dict[str, Any]:
+        return {name: trial.suggest_float(name, r.low, r.high, log=r.log) for name, r in ranges.items()}
+
+    return suggest
 
 
 def _caller_file() -> str:

@@ -5,10 +5,12 @@ map (w2, b2), and a learned mix of the two (weights p_hat from two raw scalars p
 drives a second gate. out = sigmoid(M' + m') * sigmoid(w1 * (p_hat0 M' + p_hat1 m') + b1) * x.
 """
 
+import math
+
 import torch
 from torch import Tensor, nn
 
-from attnbench.registry import Tunable, register
+from attnbench.registry import register
 
 
 class SPEGate(nn.Module):
@@ -46,15 +48,21 @@ class SPEGate(nn.Module):
         return self.alpha * (self.p * self.p).sum()
 
 
+def suggest_init(trial) -> dict[str, float]:
+    """SPE's pooling initialisation as the tuner searches it. p0 and p1 enter the mix only
+    through p0 : p1, while their magnitude and alpha set how fast the regulariser collapses p,
+    so the search runs over the ratio, the magnitude and alpha, each on a log scale."""
+    ratio = trial.suggest_float("p0_to_p1", 0.05, 20.0, log=True)  # max-pool : min-pool weight
+    norm = trial.suggest_float("p_norm", 0.05, 5.0, log=True)  # |p|; the default is 0.707
+    alpha = trial.suggest_float("alpha", 1e-3, 1.0, log=True)
+    p1 = norm / math.hypot(ratio, 1.0)
+    return {"p0": ratio * p1, "p1": p1, "alpha": alpha}
+
+
 register(
     "spe",
     "self-adaptive pooling: learned mix of global max and min pooling gates the channels",
     gate=SPEGate,
     aliases=("spem", "spenet"),
-    tunable={
-        # Only p0 : p1 sets the initial mix; the magnitude and alpha set how fast it collapses.
-        "p0": Tunable(0.05, 5.0, log=True),
-        "p1": Tunable(0.05, 5.0, log=True),
-        "alpha": Tunable(1e-3, 1.0, log=True),
-    },
+    tunable=suggest_init,
 )

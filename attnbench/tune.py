@@ -1,0 +1,159 @@
+"""Tuning a module's initialisation with Optuna, on a validation split, never on the test set.
+
+Each trial trains the module with options from the module's own search space (registry
+`tunable`), reports validation accuracy every epoch, and is pruned when it falls behind the
+median of earlier trials at the same epoch. The study lives in the same storage as the runs,
+as `tune-<module>`, so several workers (and machines, with a database storage) can tune it at
+once; `--opt MODULE=tuned` then trains the best options on the test protocol.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import sys
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.study import MaxTrialsCallback
+from optuna.trial import TrialState
+
+from attnbench import registry
+from attnbench.config import RunConfig
+from attnbench.data import Splits
+from attnbench.errors import UserError
+from attnbench.files import write_atomic, write_text
+from attnbench.train import Diverged, Runtime, train
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def study_name(module: str) -> str:
+    return f"tune-{module}"
+
+
+def tunable_spec(module: str) -> registry.ModuleSpec:
+    spec = registry.get(module)
+    if spec.suggest is None:
+        tunable = [n for n in registry.available() if registry.get(n).suggest is not None]
+        raise UserError(f"module '{spec.name}' declares no tunable options; tunable modules: "
+                        f"{', '.join(tunable) or 'none'}")
+    return spec
+
+
+def open_study(storage: optuna.storages.BaseStorage, module: str) -> optuna.Study:
+    return optuna.create_study(study_name=study_name(module), storage=storage, direction="maximize",
+                               load_if_exists=True,
+                               pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1))
+
+
+def objective(trial: optuna.Trial, spec: registry.ModuleSpec, base: RunConfig, splits: Splits, rt: Runtime) -> float:
+    options = spec.suggest(trial)
+    trial.set_user_attr("options", options)
+    cfg = replace(base, module=spec.name, options=tuple(sorted(options.items())))
+
+    def report(record: dict) -> None:
+        trial.report(record["eval_acc"], record["epoch"])
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+
+    try:
+        return train(cfg, splits, rt, checkpoint=None, on_epoch=report).best_acc
+    except Diverged as exc:
+        trial.set_user_attr("fail_reason", str(exc))
+        raise optuna.TrialPruned() from exc  # a diverging init is a bad init, not a broken study
+
+
+def optimise(storage: optuna.storages.BaseStorage, spec: registry.ModuleSpec, base: RunConfig, splits: Splits,
+             rt: Runtime, trials: int) -> None:
+    """Run trials until the study holds `trials` finished ones, however many workers share it."""
+    study = open_study(storage, spec.name)
+    study.optimize(lambda t: objective(t, spec, base, splits, rt),
+                   callbacks=[MaxTrialsCallback(trials, states=FINISHED)])
+
+
+def best_options(storage: optuna.storages.BaseStorage, module: str) -> dict[str, Any]:
+    """The options of the best finished trial of a module's tuning study."""
+    try:
+        study = optuna.load_study(study_name=study_name(module), storage=storage)
+        return dict(study.best_trial.user_attrs["options"])
+    except (KeyError, ValueError):
+        raise UserError(f"no completed tuning trials for '{module}'; run --tune {module} first") from None
+
+
+def report(storage: optuna.storages.BaseStorage, module: str, results_dir: Path) -> str:
+    """Write tuning.md (best options, importances, trials table) and tuning.png; returns the markdown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    study = optuna.load_study(study_name=study_name(module), storage=storage)
+    finished = [t for t in study.trials if t.state in FINISHED]
+    complete = [t for t in finished if t.state == TrialState.COMPLETE]
+    lines = [f"# Tuning `{module}`", "",
+             f"{len(finished)} finished trials ({len(complete)} complete, {len(finished) - len(complete)} pruned); "
+             "objective: best validation top-1 % over epochs (a split held out from the training set).", ""]
+    if complete:
+        best = study.best_trial
+        lines += [f"**Best**: trial {best.number}, {best.value:.2f}% with "
+                  + ", ".join(f"{k}={v:.4g}" for k, v in best.user_attrs["options"].items())
+                  + f". Train it on the test protocol with `--modules {module} --opt {module}=tuned`.", ""]
+        try:
+            with warnings.catch_warnings():  # few trials make the estimate rough; the table says so
+                warnings.simplefilter("ignore")
+                importances = optuna.importance.get_param_importances(study)
+            lines += ["## Parameter importance (Optuna's default evaluator; rough with few trials)", "",
+                      pd.DataFrame({"parameter": list(importances), "importance": [f"{v:.3f}" for v in importances.values()]})
+                      .to_markdown(index=False), ""]
+        except (RuntimeError, ValueError) as exc:  # too few trials, or no variation to explain
+            lines += [f"Parameter importance not available: {exc}", ""]
+    rows = [{"trial": t.number, "state": t.state.name,
+             "val top-1 %": f"{t.value:.2f}" if t.value is not None else f"{max(t.intermediate_values.values(), default=math.nan):.2f} (pruned)",
+             "epochs": len(t.intermediate_values),
+             **{k: f"{v:.4g}" for k, v in t.params.items()}} for t in finished]
+    lines += ["## Trials", "", pd.DataFrame(rows).to_markdown(index=False) if rows else "none yet", "",
+              "![validation accuracy by trial](tuning.png)", ""]
+    markdown = "\n".join(lines)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for t in finished:
+        ax.plot(sorted(t.intermediate_values), [t.intermediate_values[e] for e in sorted(t.intermediate_values)],
+                color="tab:blue" if t.state == TrialState.COMPLETE else "tab:gray", alpha=0.6, lw=1)
+    ax.set(xlabel="epoch", ylabel="validation top-1 %", title=f"{module}: trials (grey: pruned)")
+    fig.tight_layout()
+    write_atomic(results_dir / "tuning.png", lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    write_text(results_dir / "tuning.md", markdown)
+    return markdown
+
+
+def _tune_worker(storage_url: str, results_dir: Path, module: str, base: RunConfig, data_dir: Path,
+                 download: bool, trials: int, threads: int, plugins: tuple[str, ...]) -> None:
+    import torch
+
+    from attnbench.bench import SplitCache
+    from attnbench.storage import open_storage
+
+    torch.set_num_threads(threads)
+    for path in plugins:
+        registry.load_plugin(path)
+    rt = Runtime(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"), progress=False)
+    optimise(open_storage(storage_url, results_dir), registry.get(module), base,
+             SplitCache(data_dir, download, rt)[base], rt, trials)
+
+
+def optimise_in_workers(n: int, *args: Any) -> None:
+    """n processes tuning one study; Optuna's storage hands each its own trials."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_tune_worker, args=args) for _ in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    if any(p.exitcode for p in procs):
+        print(f"warning: {sum(bool(p.exitcode) for p in procs)} tuning worker(s) failed", file=sys.stderr)

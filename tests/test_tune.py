@@ -1,0 +1,62 @@
+"""Tuning: a tiny study with pruning completes, writes tuning.md, and feeds --opt MODULE=tuned."""
+
+import optuna
+import pandas as pd
+import pytest
+
+from attnbench.cli import main
+from attnbench.storage import open_storage
+from attnbench.tune import study_name
+
+TINY = ["--preset", "quick", "--train-size", "400", "--epochs", "2", "--no-progress"]
+
+
+def test_spe_search_space_maps_ratio_and_norm_to_p():
+    from attnbench import registry
+
+    trial = optuna.trial.FixedTrial({"p0_to_p1": 3.0, "p_norm": 2.0, "alpha": 0.05})
+    options = registry.get("spe").suggest(trial)
+    assert options["p0"] / options["p1"] == pytest.approx(3.0)
+    assert (options["p0"] ** 2 + options["p1"] ** 2) ** 0.5 == pytest.approx(2.0)
+    assert options["alpha"] == 0.05
+
+
+def test_tiny_tuning_study_then_tuned_run(tmp_path, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    assert main([*TINY, "--tune", "spe", "--trials", "5", "--results-dir", str(results)]) == 0
+    text = (results / "tuning.md").read_text()
+    assert "# Tuning `spe`" in text and "5 finished trials" in text and "--opt spe=tuned" in text
+    assert (results / "tuning.png").read_bytes()[:4] == b"\x89PNG"
+
+    study = optuna.load_study(study_name=study_name("spe"), storage=open_storage(None, results))
+    assert isinstance(study.pruner, optuna.pruners.MedianPruner)
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 5
+    for t in finished:  # every trial reported per epoch; a pruned one stopped early
+        assert list(t.intermediate_values) == list(range(len(t.intermediate_values)))
+        assert len(t.intermediate_values) == 2 or t.state.name == "PRUNED"
+        assert t.user_attrs["options"]["p0"] > 0
+    best = study.best_trial.user_attrs["options"]
+
+    assert main([*TINY, "--modules", "spe", "--opt", "spe=tuned", "--no-baseline",
+                 "--results-dir", str(results)]) == 0
+    runs = pd.read_csv(results / "runs.csv")
+    assert list(runs["module"]) == ["spe (tuned)"]
+    board = (results / "leaderboard.md").read_text()
+    assert "| spe (tuned) |" in board
+    from attnbench.storage import RunStore
+
+    trial = RunStore(open_storage(None, results)).study.trials[0]
+    assert dict(map(tuple, trial.user_attrs["config"]["options"])) == best
+
+
+def test_module_without_tunable_options_is_refused(tmp_path, capsys):
+    assert main([*TINY, "--tune", "se", "--results-dir", str(tmp_path)]) == 2
+    assert "declares no tunable options" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_tuned_without_a_study_is_refused(tmp_path, capsys):
+    assert main([*TINY, "--modules", "spe", "--opt", "spe=tuned", "--results-dir", str(tmp_path)]) == 2
+    assert "run --tune spe first" in capsys.readouterr().err
