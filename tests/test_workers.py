@@ -102,3 +102,15 @@ def test_slurm_array_with_submitit_local_executor(tmp_path):
     jobs = submit_slurm(settings, 2, partition=None, minutes=5, gpus=0, folder=tmp_path / "slurm", executor=executor)
     assert [job.result() for job in jobs] == [0, 0]
     assert_each_run_complete_once(RunStore(open_storage(storage, tmp_path)), 2)
+
+
+def test_run_of_a_silent_worker_elsewhere_is_requeued_after_its_lease(tmp_path):
+    cfg = preset("quick", module="none", train_size=256, epochs=1)
+    store = RunStore(open_storage(None, tmp_path), lease=0.5)
+    store.enqueue([cfg], {cfg.key(): {"params": 1}})
+    first, _ = store.claim("another-host:4242")
+    assert store.claim("me:1") is None  # leased to the other host
+    time.sleep(0.6)
+    second, claimed = store.claim("me:1")
+    assert second != first and claimed == cfg
+    assert "stopped beating" in store.storage.get_trial(first).user_attrs["fail_reason"]
