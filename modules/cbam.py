@@ -25,8 +25,9 @@ class CBAMGate(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n, c = x.shape[:2]
-        # One MLP call over both pooled descriptors instead of two.
-        pooled = torch.cat((x.mean((2, 3)), x.amax((2, 3))))
+        # One MLP call over both pooled descriptors instead of two. max() with indices has a much
+        # cheaper backward on CPU than amax(), which spreads gradients over ties.
+        pooled = torch.cat((x.mean((2, 3)), x.flatten(2).max(2).values))
         avg_out, max_out = self.mlp(pooled).split(n)
         x1 = x * (avg_out + max_out).sigmoid_().view(n, c, 1, 1)
         maps = torch.cat((x1.amax(1, keepdim=True), x1.mean(1, keepdim=True)), dim=1)
