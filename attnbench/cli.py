@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--leaderboard-only", action="store_true",
                        help="train nothing: rewrite leaderboard.md and runs.csv from the storage")
 
+    costs = p.add_argument_group("measuring cost without training")
+    costs.add_argument("--measure-only", action="store_true",
+                       help="print parameters, MACs (paper and full conventions), images/s and memory per module")
+    costs.add_argument("--measure-batch", type=int, default=128, help="batch size for the throughput timing")
+    costs.add_argument("--measure-repeats", type=int, default=10, help="timed blocks per module (0: counts only)")
+
     tuning = p.add_argument_group("tuning a module's initialisation (on a validation split)")
     tuning.add_argument("--tune", metavar="MODULE", default=None,
                         help="tune the module's declared options with Optuna, e.g. --tune spe; then train "
@@ -228,6 +234,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.tune:
         return run_tuning(args)
+    if args.measure_only:
+        return run_measure(args)
     configs, _ = plan(args, lambda m: tune.best_options(open_storage(args.storage, args.results_dir), m))
     if args.workers < 1:
         raise UserError(f"--workers {args.workers}: need at least 1 worker")
@@ -270,6 +278,29 @@ def run(args: argparse.Namespace) -> int:
     if unfinished:
         print(f"{len(unfinished)} run(s) did not complete; see fail_reason in runs.csv", file=sys.stderr)
     return 1 if unfinished else 0
+
+
+def run_measure(args: argparse.Namespace) -> int:
+    """Print and store the cost table: parameters, MACs in both conventions, speed, memory."""
+    from attnbench.bench import cost_markdown
+    from attnbench.files import write_text
+    from attnbench.measure import cost_table
+    from attnbench.train import resolve_device
+
+    configs, datasets = plan(args, lambda m: {})
+    base = configs[0]
+    modules = list(dict.fromkeys(c.module for c in configs))
+    device = resolve_device(args.device)
+    table = cost_table(modules, depth=base.depth, block=base.block, arch=base.arch,
+                       num_classes=100 if datasets[0] == "cifar100" else 10, batch_size=args.measure_batch,
+                       device=device, throughput=args.measure_repeats > 0, channels_last=not args.no_channels_last,
+                       amp=base.amp or None, repeats=max(args.measure_repeats, 1),
+                       options={c.module: c.module_options for c in configs})
+    markdown = cost_markdown(table, f"{base.arch}-{base.depth} ({base.block}), {datasets[0]}")
+    write_text(args.results_dir / "costs.md", markdown)
+    write_text(args.results_dir / "costs.csv", table.to_csv(index=False))
+    print(markdown)
+    return 0
 
 
 def run_tuning(args: argparse.Namespace) -> int:

@@ -114,3 +114,21 @@ def test_module_options_make_their_own_runs(tmp_path, results, capsys):
     assert run_cli(tmp_path, "--no-baseline", "--modules", "spe", "--opt", "spe.p0=2.0") == 0
     runs = pd.read_csv(results / "runs.csv")
     assert list(runs["module"]) == ["spe (p0=2)"]
+
+
+def test_measure_only_prints_and_stores_the_cost_table(tmp_path, results, capsys):
+    assert run_cli(tmp_path, "--measure-only", "--modules", "spe", "--measure-repeats", "1",
+                   "--measure-batch", "8") == 0
+    out = capsys.readouterr().out
+    table = pd.read_csv(results / "costs.csv")
+    assert list(table["module"]) == ["none", "spe"]
+    spe = table.set_index("module").loc["spe"]
+    assert spe["extra_params"] == 3 * 2 + 4 * (16 + 32 + 64)  # 4C + 2 per block, one block a stage
+    assert spe["extra_macs_paper"] == 0 and spe["extra_macs_full"] > 0
+    assert "MACs, paper: conv+linear (M)" in out and "MACs, full: all ops (M)" in out
+    assert (results / "costs.md").read_text().strip() == out.strip()
+    assert not (results / "runs.journal").exists()  # measuring trains nothing and stores no runs
+
+
+def test_measure_only_with_invalid_depth_is_the_training_error(tmp_path, results, capsys):
+    one_line_error(capsys, run_cli(tmp_path, "--measure-only", "--depth", "10"), "depth 10 is not valid")

@@ -1,0 +1,413 @@
+"""What a module costs: parameters, multiply-accumulates in two conventions, and measured speed.
+
+Why two MAC conventions. The papers quote conv + linear multiply-accumulates only, which scores
+most of an attention module (pooling, sigmoids, elementwise products) as free; fvcore's default
+count adds batch norm and average pooling but still skips the rest with a warning. A fair table
+shows both, each labelled:
+
+- ``paper``: multiply-accumulates of convolutions and matrix products (conv, linear, addmm,
+  matmul, mm, bmm, einsum) only. ResNet-164 at 32x32 gives 247,646,720 = 247,644,160 in its
+  166 convs + 2,560 in the 256->10 classifier.
+- ``full``: ``paper`` plus everything else the forward pass computes, by one rule, in MAC units:
+
+  - conv/linear: one per multiply-accumulate; a bias is the accumulator's starting value, so it
+    adds nothing (fvcore's rule).
+  - elementwise ops (add, sub, mul, div, neg, ..., and activations, ReLU and sigmoid included):
+    one per output element. Activations count because they are real passes over memory and a
+    gate is mostly made of them; a sigmoid is scored like an add, so transcendental work is
+    undercounted rather than guessed.
+  - reductions (mean, sum, amax, amin, global max/min, adaptive pooling): one per input element
+    per result, so ``aminmax`` costs as much as ``amax`` plus ``amin``: the fused kernel is an
+    implementation detail, not less arithmetic.
+  - batch norm: fvcore's rule, in eval mode one per element to normalise plus one for the affine
+    (IEBN's BN has no affine, so one); training mode would be four plus one, as it also computes
+    the statistics. Counts are taken in eval mode.
+  - views, reshapes, slicing, cat, split, flatten: zero (fvcore's ignore list plus a few views
+    it lacks).
+
+  Any other op is an error (UserError naming it), in both conventions: it could be a matrix
+  product in disguise, so neither count could be trusted without it.
+
+Counts are per image: eager model, eval mode, batch 1. Throughput is timed in interleaved blocks
+after a warm-up and reported as a median with its interquartile range, since a mean is dragged by
+the occasional slow block (GC, another process, turbo states).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from fvcore.nn import FlopCountAnalysis
+from torch import nn
+
+from attnbench import registry
+from attnbench.errors import UserError
+from attnbench.models import build_model
+
+CONVENTIONS = ("paper", "full")
+MODES = ("train", "inference")
+AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Operator names (as fvcore's handles label them) that make up the papers' count.
+_PAPER_OPS = frozenset({"conv", "linear", "addmm", "matmul", "mm", "bmm", "einsum"})
+
+
+def _numel(value: Any) -> int:
+    return math.prod(value.type().sizes())
+
+
+def _per_output_element(inputs: list, outputs: list) -> int:
+    return _numel(outputs[0])
+
+
+def _per_input_element(results: int) -> Callable[[list, list], int]:
+    def handle(inputs: list, outputs: list) -> int:
+        return results * _numel(inputs[0])
+
+    return handle
+
+
+def _max_or_min(inputs: list, outputs: list) -> int:
+    """aten::max/min are both a reduction (one tensor argument) and a binary elementwise op."""
+    binary = len(inputs) > 1 and inputs[1].isCompleteTensor()
+    return _numel(outputs[0]) if binary else _numel(inputs[0])
+
+
+_ELEMENTWISE = (
+    "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "neg",
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "hardsigmoid", "silu", "gelu",
+    "exp", "sqrt", "rsqrt", "pow",
+)
+_REDUCTIONS = ("mean", "sum", "amax", "amin", "adaptive_max_pool2d")
+_FREE = ("expand_as", "view_as", "unflatten", "movedim")
+
+FULL_HANDLES: dict[str, Callable[[list, list], int] | None] = {
+    **{f"aten::{op}": _per_output_element for op in _ELEMENTWISE},
+    **{f"aten::{op}": _per_input_element(1) for op in _REDUCTIONS},
+    "aten::aminmax": _per_input_element(2),
+    "aten::max": _max_or_min,
+    "aten::min": _max_or_min,
+    **{f"aten::{op}": None for op in _FREE},
+}
+"""Handles added to fvcore's defaults for the ``full`` convention (None: explicitly free)."""
+
+
+def count_params(model: nn.Module) -> int:
+    """Trainable and frozen parameters alike; shared ones once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval for the duration, then every submodule back to its own mode (they may differ)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextmanager
+def _single_thread() -> Iterator[None]:
+    """A batch-1 trace has nothing to parallelise, and when another process holds a core,
+    OpenMP barriers made it about 100x slower (8 s instead of 0.05 s for ResNet-164)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def mac_analysis(model: nn.Module, input_size: int = 32) -> FlopCountAnalysis:
+    """fvcore's analysis with the ``full`` handles, already run (eval mode, batch 1).
+
+    Exposed for per-operator and per-submodule breakdowns. fvcore's own unsupported-operator
+    warnings stay on, so a model nothing here covers is also visible in the log, and the same
+    ops raise UserError. fvcore cannot trace a torch.compile'd model, so its eager module is used.
+    """
+    model = getattr(model, "_orig_mod", model)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    x = torch.zeros(1, 3, input_size, input_size, device=device)
+    analysis = FlopCountAnalysis(model, x).set_op_handle(**FULL_HANDLES).uncalled_modules_warnings(False)
+    try:
+        with _eval_mode(model), _single_thread(), torch.no_grad():
+            analysis.total()
+    except RuntimeError as exc:
+        raise UserError(f"cannot trace the model to count MACs: {str(exc).splitlines()[0]}") from exc
+    unsupported = analysis.unsupported_ops()
+    if unsupported:
+        ops = ", ".join(f"{op} (x{n})" for op, n in sorted(unsupported.items()))
+        raise UserError(f"cannot count MACs: no counting rule for {ops}; add a handle to attnbench.measure.FULL_HANDLES")
+    return analysis
+
+
+def _macs_by_convention(model: nn.Module, input_size: int) -> dict[str, int]:
+    """Both conventions from one trace (tracing ResNet-164 takes seconds)."""
+    by_op = mac_analysis(model, input_size).by_operator()
+    return {
+        "paper": int(sum(n for op, n in by_op.items() if op in _PAPER_OPS)),
+        "full": int(sum(by_op.values())),
+    }
+
+
+def count_macs(model: nn.Module, convention: str, input_size: int = 32) -> int:
+    """Multiply-accumulates per image in the named convention (see the module docstring)."""
+    if convention not in CONVENTIONS:
+        raise UserError(f"unknown MAC convention '{convention}'; use one of: {', '.join(CONVENTIONS)}")
+    return _macs_by_convention(model, input_size)[convention]
+
+
+def _reset_peak_memory(device: torch.device) -> str:
+    """Start a fresh peak; returns what the peak read afterwards will mean.
+
+    CUDA: the allocator's peak (tensors only). CPU: the kernel's resident-set high-water mark,
+    reset through Linux's clear_refs; getrusage's maxrss cannot be reset, so it would report the
+    largest thing the process ever did rather than this measurement.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return "cuda_max_allocated"
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return "cpu_peak_rss_since_process_start"
+    return "cpu_peak_rss"
+
+
+def _peak_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            found = re.search(r"VmHWM:\s+(\d+) kB", f.read())
+    except OSError:
+        return None
+    return int(found.group(1)) * 1024 if found else None
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' asked for but CUDA is not available here; use device cpu")
+    return device
+
+
+class _Timer:
+    """One model copy prepared to run timed blocks of steps, so several can be timed in turns.
+
+    The copy keeps the caller's model untouched by SGD steps, device moves and channels_last.
+    Data is one fixed random batch already on the device: this times the model, not a loader.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        batch_size: int,
+        mode: str,
+        device: torch.device,
+        channels_last: bool,
+        amp: str | None,
+        input_size: int,
+    ):
+        if mode not in MODES:
+            raise UserError(f"unknown throughput mode '{mode}'; use one of: {', '.join(MODES)}")
+        if amp not in AMP_DTYPES:
+            raise UserError(f"unknown AMP setting '{amp}'; use 'bf16', 'fp16' or None (full precision)")
+        self.device, self.mode, self.batch_size, self.amp = device, mode, batch_size, amp
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = copy.deepcopy(model).to(device, memory_format=fmt)
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(batch_size, 3, input_size, input_size, generator=gen).to(device, memory_format=fmt)
+        with _eval_mode(self.model), torch.no_grad():
+            classes = self.model(self.x[:1]).shape[1]
+        self.y = torch.randint(0, classes, (batch_size,), generator=gen).to(device)
+        self.model.train(mode == "train")
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        # Loss scaling only for fp16, as a real fp16 run would do it; bf16 has fp32's range.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+        self.peak_memory: int | None = None
+        self.peak_memory_kind = "unavailable"
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp], enabled=self.amp is not None)
+
+    def _train_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss = F.cross_entropy(self.model(self.x), self.y)
+            extra_loss = getattr(self.model, "extra_loss", None)
+            extra = extra_loss() if callable(extra_loss) else None
+            if extra is not None:
+                loss = loss + extra
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def _inference_step(self) -> None:
+        with torch.inference_mode(), self._autocast():
+            self.model(self.x)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def block(self, steps: int) -> float:
+        """Seconds for `steps` steps, with queued GPU work finished at both ends."""
+        step = self._train_step if self.mode == "train" else self._inference_step
+        self._sync()
+        kind = _reset_peak_memory(self.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        self._sync()
+        seconds = time.perf_counter() - start
+        peak = _peak_memory(self.device)
+        if peak is not None:
+            self.peak_memory, self.peak_memory_kind = max(self.peak_memory or 0, peak), kind
+        return seconds
+
+
+def _time_interleaved(timers: Mapping[str, _Timer], *, warmup: int, repeats: int, steps: int) -> dict[str, list[float]]:
+    """Block times per timer; each round rotates the order so slow drift (thermal, other
+    processes) and position effects (cache state left by the previous model) hit all alike."""
+    names = list(timers)
+    for name in names:
+        for _ in range(warmup):
+            timers[name].block(steps)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds[name].append(timers[name].block(steps))
+    return seconds
+
+
+def _summary(timer: _Timer, seconds: list[float], steps: int) -> dict[str, Any]:
+    rates = [timer.batch_size * steps / s for s in seconds]
+    q1, median, q3 = np.percentile(rates, [25, 50, 75])
+    return {
+        "images_per_s": float(median),
+        "images_per_s_q1": float(q1),
+        "images_per_s_q3": float(q3),
+        "step_s": float(np.median(seconds)) / steps,
+        "peak_memory_bytes": timer.peak_memory,
+        "peak_memory_kind": timer.peak_memory_kind,
+    }
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": str(device), "device_name": name, "threads": torch.get_num_threads()}
+
+
+def measure_throughput(
+    model: nn.Module,
+    *,
+    batch_size: int = 128,
+    mode: str = "train",
+    device: str | torch.device = "cpu",
+    channels_last: bool = False,
+    amp: str | None = None,
+    input_size: int = 32,
+    warmup: int = 2,
+    repeats: int = 10,
+    steps_per_block: int = 1,
+) -> dict[str, Any]:
+    """Images per second of one model: median and quartiles over `repeats` timed blocks.
+
+    A train step is forward + cross-entropy (+ the model's extra_loss()) + backward + SGD
+    (momentum 0.9, weight decay 1e-4), the papers' recipe, so optimiser cost is included.
+    Peak memory is the CUDA allocator's peak on GPU; on CPU it is the process's peak resident
+    set during the blocks (warm-up included). That includes the interpreter, the libraries and
+    memory the allocator kept, so it is an upper bound, comparable between modules only roughly.
+    """
+    device = _resolve_device(device)
+    timer = _Timer(model, batch_size=batch_size, mode=mode, device=device,
+                   channels_last=channels_last, amp=amp, input_size=input_size)
+    seconds = _time_interleaved({"": timer}, warmup=warmup, repeats=repeats, steps=steps_per_block)[""]
+    return {
+        "mode": mode,
+        "batch_size": batch_size,
+        **_summary(timer, seconds, steps_per_block),
+        **_environment(device),
+        "channels_last": channels_last,
+        "amp": amp,
+        "repeats": repeats,
+        "steps_per_block": steps_per_block,
+    }
+
+
+def cost_table(
+    modules: list[str],
+    *,
+    depth: int = 164,
+    block: str = "bottleneck",
+    arch: str = "resnet",
+    num_classes: int = 10,
+    input_size: int = 32,
+    batch_size: int = 128,
+    device: str | torch.device = "cpu",
+    throughput: bool = True,
+    channels_last: bool = False,
+    amp: str | None = None,
+    warmup: int = 2,
+    repeats: int = 10,
+    steps_per_block: int = 1,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> pd.DataFrame:
+    """One row per module (canonical names; `none` always included, first, as the baseline).
+
+    Columns: params, MACs per image in both conventions (macs_paper, macs_full) and the extra
+    over `none` of each; with `throughput`, train and inference images/s (median, q1, q3), the
+    train-step time relative to `none` and the train peak memory. The relative time is the
+    median over rounds of the ratio within a round: all modules are timed in turns in the same
+    call, so drift during the measurement cancels out of the ratio. `options` maps a module
+    name to its constructor options. Environment (threads, device, memory meaning) is in
+    ``df.attrs``.
+    """
+    dev = _resolve_device(device)  # before minutes of MAC counting, not after
+    names = list(dict.fromkeys(["none", *(registry.get(m).name for m in modules)]))
+    opts = {registry.get(k).name: dict(v) for k, v in (options or {}).items()}
+    models = {n: build_model(n, depth, num_classes, arch, block, opts.get(n)) for n in names}
+    rows: dict[str, dict[str, Any]] = {n: {"module": n, "params": count_params(m)} for n, m in models.items()}
+    for n, m in models.items():
+        rows[n].update({f"macs_{c}": v for c, v in _macs_by_convention(m, input_size).items()})
+    for n in names:
+        for col in ("params", *(f"macs_{c}" for c in CONVENTIONS)):
+            rows[n][f"extra_{col}"] = rows[n][col] - rows["none"][col]
+    table = pd.DataFrame(list(rows.values()))
+    if not throughput:
+        return table
+
+    for mode, prefix in (("train", "train"), ("inference", "infer")):
+        timers = {n: _Timer(m, batch_size=batch_size, mode=mode, device=dev, channels_last=channels_last,
+                            amp=amp, input_size=input_size) for n, m in models.items()}
+        seconds = _time_interleaved(timers, warmup=warmup, repeats=repeats, steps=steps_per_block)
+        summaries = {n: _summary(timers[n], seconds[n], steps_per_block) for n in names}
+        for stat in ("images_per_s", "images_per_s_q1", "images_per_s_q3"):
+            table[f"{prefix}_{stat}"] = [summaries[n][stat] for n in names]
+        if mode == "train":
+            baseline = np.asarray(seconds["none"])
+            table["train_step_rel_none"] = [float(np.median(np.asarray(seconds[n]) / baseline)) for n in names]
+            table["train_peak_memory_bytes"] = [summaries[n]["peak_memory_bytes"] for n in names]
+            table.attrs["peak_memory_kind"] = summaries["none"]["peak_memory_kind"]
+        del timers  # free one mode's model copies before building the next
+    table.attrs.update(_environment(dev), batch_size=batch_size, channels_last=channels_last, amp=amp,
+                       repeats=repeats, steps_per_block=steps_per_block)
+    return table
