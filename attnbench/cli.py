@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--checkpoint-dir", type=Path, default=None, help="default: RESULTS_DIR/checkpoints")
     where.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     where.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on CUDA)")
+    where.add_argument("--threads", type=int, default=0,
+                       help="CPU threads per worker (default: the cores divided among the workers)")
     where.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory layout")
     where.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bars (default: only on an interactive terminal)")
@@ -223,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
     from attnbench.train import Runtime, check_amp, resolve_device
     from attnbench.workers import WorkerSettings, launch, require_slurm, submit_slurm
 
+    torch.set_num_threads(cpu_threads(args.threads, 1))  # this process's share, when it trains itself
     for path in args.plugin:
         registry.load_plugin(path)
     if args.list:
@@ -258,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
         storage=storage_url(args.storage, args.results_dir), results_dir=args.results_dir, study=args.study,
         checkpoint_dir=checkpoint_dir, data_dir=args.data_dir, download=args.download,
         device="cuda" if args.gpus else str(device), compile=args.compile, channels_last=not args.no_channels_last,
-        threads=max(1, (os.cpu_count() or 1) // len(slots)) if device.type == "cpu" else 1,
+        threads=cpu_threads(args.threads, len(slots)),
         plugins=tuple(args.plugin))
     if args.slurm:
         jobs = submit_slurm(settings, args.workers, partition=args.slurm_partition,
@@ -326,13 +329,20 @@ def run_tuning(args: argparse.Namespace) -> int:
     if args.workers == 1:
         tune.optimise(storage, spec, base, splits[base], rt, args.trials)
     else:
-        threads = max(1, (os.cpu_count() or 1) // args.workers) if device.type == "cpu" else 1
         tune.optimise_in_workers(args.workers, storage_url(args.storage, args.results_dir), args.results_dir,
-                                 spec.name, base, args.data_dir, args.download, args.trials, threads,
+                                 spec.name, base, args.data_dir, args.download, args.trials,
+                                 cpu_threads(args.threads, args.workers),
                                  tuple(args.plugin))
     print(tune.report(storage, spec.name, args.results_dir))
     print(f"wrote {args.results_dir / 'tuning.md'} and {args.results_dir / 'tuning.png'}", file=sys.stderr)
     return 0
+
+
+def cpu_threads(requested: int, workers: int) -> int:
+    """Threads for each worker: what was asked, else the cores shared out so workers don't fight."""
+    if requested < 0:
+        raise UserError(f"--threads {requested}: use a positive number, or 0 for automatic")
+    return requested or max(1, (os.cpu_count() or 1) // workers)
 
 
 def gpu_slots(gpus: tuple[int, ...]) -> list[str | None]:

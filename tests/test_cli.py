@@ -93,6 +93,7 @@ def test_unknown_module_is_one_line_and_writes_nothing(tmp_path, results, capsys
     (["--storage", "/nonexistent/dir/runs.journal"], ["does not exist"]),
     (["--datasets", "cifar10", "--data-dir", "/nonexistent"], ["/nonexistent", "--download"]),
     (["--workers", "0"], ["--workers 0: need at least 1 worker"]),
+    (["--threads", "-1"], ["--threads -1: use a positive number"]),
     (["--gpus", "7"], ["GPU 7 does not exist"]),
     (["--slurm"], ["no sbatch"]),
 ])
