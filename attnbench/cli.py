@@ -21,6 +21,7 @@ from attnbench.config import PRESETS, RunConfig, config_fields, preset
 from attnbench.data import DATASETS
 from attnbench.errors import UserError
 from attnbench.models import blocks_per_stage, build_model
+from attnbench.models.resnet import LAYERS_PER_BLOCK
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -141,12 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_options(items: list[str], modules: list[str], tuned: Callable[[str], dict[str, Any]]
-                  ) -> tuple[dict[str, dict[str, Any]], set[str]]:
-    """Options per module from MODULE.NAME=VALUE items, and the modules given as MODULE=tuned,
-    whose options come from `tuned(module)` (the best trial of its tuning study)."""
+def parse_options(items: list[str], modules: list[str]) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """Options per module from MODULE.NAME=VALUE items (VALUE converted to the type of the
+    option's default), and the modules given as MODULE=tuned."""
     options: dict[str, dict[str, Any]] = {}
-    variants: set[str] = set()
+    tuned: set[str] = set()
     for item in items:
         target, sep, value = item.partition("=")
         module, dot, name = target.partition(".")
@@ -156,12 +156,40 @@ def parse_options(items: list[str], modules: list[str], tuned: Callable[[str], d
         if spec.name not in modules:
             raise UserError(f"--opt '{item}' is for module '{spec.name}', which is not in --modules")
         if not dot:
-            options.setdefault(spec.name, {}).update(tuned(spec.name))
-            variants.add(spec.name)
+            tuned.add(spec.name)
             continue
         spec.check_options({name: None})
-        options.setdefault(spec.name, {})[name] = _option_value(value)
-    return options, variants
+        default = spec.defaults[name]
+        try:
+            options.setdefault(spec.name, {})[name] = type(default)(value) if default is not None else value
+        except ValueError:
+            raise UserError(f"--opt '{item}': {name} takes a {type(default).__name__}, like its default "
+                            f"{default!r}") from None
+    return options, tuned
+
+
+def check_recipe(cfg: RunConfig) -> None:
+    """Values no run can use, caught before anything is written."""
+    for name in ("epochs", "batch_size", "test_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+    for name in ("lr", "momentum", "weight_decay", "gamma", "train_size", "val_split"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must not be negative")
+    blocks_per_stage(cfg.depth, cfg.block)
+    if cfg.arch not in ("resnet", "preresnet"):
+        raise UserError(f"unknown --arch '{cfg.arch}'; use resnet or preresnet")
+
+
+def check_builds(cfg: RunConfig) -> None:
+    """Build the run's model once, so that a bad option value is one line now, not a traceback later."""
+    try:
+        build_model(cfg.module, 2 + LAYERS_PER_BLOCK[cfg.block], 10, cfg.arch, cfg.block, cfg.module_options)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"module '{cfg.label}' cannot be built with options {cfg.module_options}: "
+                        f"{type(exc).__name__}: {exc}") from None
 
 
 def list_modules() -> str:
@@ -176,8 +204,9 @@ def list_modules() -> str:
     return table
 
 
-def plan(args: argparse.Namespace, tuned: Callable[[str], dict[str, Any]]) -> tuple[list[RunConfig], list[str]]:
-    """The grid of run configs the arguments ask for, checked; raises UserError on bad input."""
+def plan(args: argparse.Namespace, tuned: Callable[[str, str], dict[str, Any]]) -> tuple[list[RunConfig], list[str]]:
+    """The grid of run configs the arguments ask for, checked; raises UserError on bad input.
+    `tuned(module, dataset)` gives the best options of the module's tuning study."""
     modules = [registry.get(m).name for m in args.modules]
     if not args.no_baseline and "none" not in modules:
         modules.insert(0, "none")
@@ -186,21 +215,23 @@ def plan(args: argparse.Namespace, tuned: Callable[[str], dict[str, Any]]) -> tu
     modules = list(dict.fromkeys(modules))
     overrides = {f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name) is not None}
     base = preset(args.preset, **overrides)
-    datasets = args.datasets or [base.dataset]
+    check_recipe(base)
+    datasets = list(dict.fromkeys(args.datasets or [base.dataset]))
     for d in datasets:
         if d not in DATASETS:
             raise UserError(f"unknown dataset '{d}'; available: {', '.join(DATASETS)}")
-    if not args.seeds:
+    seeds = list(dict.fromkeys(args.seeds))
+    if not seeds:
         raise UserError("--seeds is empty; pass e.g. --seeds 0,1,2")
-    blocks_per_stage(base.depth, base.block)
-    if base.arch not in ("resnet", "preresnet"):
-        raise UserError(f"unknown --arch '{base.arch}'; use resnet or preresnet")
-    options, variants = parse_options(args.opt, modules, tuned)
-    configs = [
-        replace(base, module=m, dataset=d, seed=s, options=tuple(sorted(options.get(m, {}).items())),
-                variant="tuned" if m in variants else "")
-        for d in datasets for m in modules for s in args.seeds
-    ]
+    options, tuned_modules = parse_options(args.opt, modules)
+    configs = []
+    for d in datasets:
+        for m in modules:
+            chosen = {**(tuned(m, d) if m in tuned_modules else {}), **options.get(m, {})}
+            cfg = replace(base, module=m, dataset=d, options=tuple(sorted(chosen.items())),
+                          variant="tuned" if m in tuned_modules else "")
+            check_builds(cfg)
+            configs += [replace(cfg, seed=s) for s in seeds]
     return configs, datasets
 
 
@@ -232,14 +263,15 @@ def run(args: argparse.Namespace) -> int:
         print(list_modules())
         return 0
     if args.leaderboard_only:
-        store = RunStore(open_storage(args.storage, args.results_dir), args.study)
+        store = RunStore(open_storage(args.storage, args.results_dir, must_exist=True), args.study, create=False)
         print(write_outputs(store.runs(), args.results_dir))
         return 0
     if args.tune:
         return run_tuning(args)
     if args.measure_only:
         return run_measure(args)
-    configs, _ = plan(args, lambda m: tune.best_options(open_storage(args.storage, args.results_dir), m))
+    configs, _ = plan(args, lambda m, d: tune.best_options(open_storage(args.storage, args.results_dir,
+                                                                        must_exist=True), m, d))
     if args.workers < 1:
         raise UserError(f"--workers {args.workers}: need at least 1 worker")
     if args.slurm:
@@ -248,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device("cuda" if args.gpus else args.device)
     check_amp(configs[0].amp, device)
     rt = Runtime(device=device, compile=args.compile, channels_last=not args.no_channels_last, progress=args.progress)
-    in_process = len(slots) == 1 and not args.slurm
+    in_process = len(slots) == 1 and not args.slurm and not args.gpus
     # Workers in other processes load their own copy; here the data is only checked, on the CPU.
     splits = SplitCache(args.data_dir, args.download, rt if in_process else Runtime(device=torch.device("cpu")))
     attrs = {cfg.key(): run_attrs(cfg, splits[cfg], args.preset) for cfg in configs}
@@ -290,7 +322,7 @@ def run_measure(args: argparse.Namespace) -> int:
     from attnbench.measure import cost_table
     from attnbench.train import resolve_device
 
-    configs, datasets = plan(args, lambda m: {})
+    configs, datasets = plan(args, lambda m, d: {})
     base = configs[0]
     modules = list(dict.fromkeys(c.module for c in configs))
     device = resolve_device(args.device)
@@ -316,7 +348,7 @@ def run_tuning(args: argparse.Namespace) -> int:
     if args.trials < 1 or args.workers < 1:
         raise UserError("--trials and --workers must be at least 1")
     args.modules, args.no_baseline, args.opt = [spec.name], True, []
-    configs, _ = plan(args, lambda m: {})
+    configs, _ = plan(args, lambda m, d: {})
     base = configs[0]
     device = resolve_device(args.device)
     check_amp(base.amp, device)
@@ -333,7 +365,7 @@ def run_tuning(args: argparse.Namespace) -> int:
                                  spec.name, base, args.data_dir, args.download, args.trials,
                                  cpu_threads(args.threads, args.workers),
                                  tuple(args.plugin))
-    print(tune.report(storage, spec.name, args.results_dir))
+    print(tune.report(storage, spec.name, base.dataset, args.results_dir))
     print(f"wrote {args.results_dir / 'tuning.md'} and {args.results_dir / 'tuning.png'}", file=sys.stderr)
     return 0
 

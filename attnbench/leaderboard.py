@@ -82,7 +82,8 @@ def table(runs: pd.DataFrame, dataset: str, is_paper_recipe: bool) -> pd.DataFra
 
 def render(runs: pd.DataFrame) -> str:
     """Markdown for every (dataset, recipe) among the completed runs."""
-    done = runs[runs["state"] == "COMPLETE"]
+    # One row per run: a run completed twice (two launchers racing) must not count as two seeds.
+    done = runs[runs["state"] == "COMPLETE"].drop_duplicates("run_key")
     if done.empty:
         return "# attnbench leaderboard\n\nNo completed runs yet.\n"
     parts = ["# attnbench leaderboard", "",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -39,16 +40,23 @@ STUDY = "attnbench"
 LEASE_SECONDS = 300.0  # a worker silent this long is taken for dead; it beats every LEASE_SECONDS / 10
 MAX_ATTEMPTS = 3  # a run whose workers keep dying is not queued again after this many
 
+RUN_COLUMNS = ["module", "dataset", "seed", "state", "best_acc", "best_epoch", "last_acc", "epochs", "params",
+               "recipe", "recipe_text", "preset", "run_key", "trial", "seconds", "fail_reason", "worker",
+               "device", "git"]
+
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def open_storage(url: str | None, results_dir: Path) -> optuna.storages.BaseStorage:
-    """The default is a journal file under results/: embedded, and safe for several processes."""
+def open_storage(url: str | None, results_dir: Path, must_exist: bool = False) -> optuna.storages.BaseStorage:
+    """The default is a journal file under results/: embedded, and safe for several processes.
+    With `must_exist`, a journal file that is not there is an error rather than a new file."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     if url is None or "://" not in url:
         path = Path(url) if url else results_dir / "runs.journal"
+        if must_exist and not path.is_file():
+            raise UserError(f"no storage at {path}: nothing has run there yet; check --results-dir or --storage")
         if not path.parent.is_dir():
             raise UserError(f"storage folder {path.parent} does not exist; create it or pass another --storage")
         return JournalStorage(JournalFileBackend(str(path)))
@@ -87,10 +95,17 @@ def environment(device: torch.device) -> dict[str, str]:
 
 
 class RunStore:
-    def __init__(self, storage: optuna.storages.BaseStorage, study_name: str = STUDY, lease: float = LEASE_SECONDS):
+    def __init__(self, storage: optuna.storages.BaseStorage, study_name: str = STUDY, lease: float = LEASE_SECONDS,
+                 create: bool = True):
         self.storage = storage
-        self.study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
-                                         load_if_exists=True)
+        if create:
+            self.study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
+                                             load_if_exists=True)
+        else:
+            try:
+                self.study = optuna.load_study(study_name=study_name, storage=storage)
+            except KeyError:
+                raise UserError(f"the storage holds no study '{study_name}'; check --study") from None
         self.lease = lease
         self.study_id = storage.get_study_id_from_name(study_name)
 
@@ -120,7 +135,7 @@ class RunStore:
             status = found.get(cfg.key())
             if status is None:
                 self._add_waiting(cfg.seed, dict(attrs[cfg.key()], **cfg.attrs()))
-                status = "newly queued"
+                status = found[cfg.key()] = "newly queued"
             counts[status] += 1
         return counts
 
@@ -135,10 +150,18 @@ class RunStore:
         self.reclaim_expired()
         for t in self._runs((TrialState.WAITING,)):
             trial_id = self._id(t)
-            if self.storage.set_trial_state_values(trial_id, TrialState.RUNNING):
+            try:
+                if not self.storage.set_trial_state_values(trial_id, TrialState.RUNNING):
+                    continue
                 self.storage.set_trial_user_attr(trial_id, "worker", worker)
                 self.beat(trial_id)
-                return trial_id, RunConfig.from_attrs(t.user_attrs["config"])
+            except UpdateFinishedTrialError:
+                continue  # closed by another process between our read and our claim
+            key = t.user_attrs["run_key"]
+            if sum(o.user_attrs["run_key"] == key for o in self._runs((TrialState.COMPLETE, TrialState.RUNNING))) > 1:
+                self.fail(trial_id, "duplicate: the run is done or running elsewhere")
+                continue
+            return trial_id, RunConfig.from_attrs(t.user_attrs["config"])
         return None
 
     def beat(self, trial_id: int) -> None:
@@ -185,7 +208,7 @@ class RunStore:
             worker = t.user_attrs.get("worker", "")
             if _gone_from_this_host(worker):
                 self.fail(self._id(t), f"worker {worker} is no longer running", retry=True)
-            elif now - t.user_attrs.get("heartbeat", 0.0) > self.lease:
+            elif now - t.user_attrs.get("heartbeat", t.datetime_start.timestamp()) > self.lease:
                 self.fail(self._id(t), f"worker {worker} stopped beating (lease {self.lease:g}s expired)",
                           retry=True)
 
@@ -206,7 +229,7 @@ class RunStore:
                 "fail_reason": a.get("fail_reason", ""), "worker": a.get("worker"),
                 "device": a.get("env", {}).get("device"), "git": a.get("env", {}).get("git"),
             })
-        return pd.DataFrame(rows)
+        return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
 
 def _gone_from_this_host(worker: str) -> bool:
@@ -232,7 +255,12 @@ class Heartbeat:
 
     def _loop(self) -> None:
         while not self.stopped.wait(self.store.lease / 10):
-            self.store.beat(self.trial_id)
+            try:
+                self.store.beat(self.trial_id)
+            except UpdateFinishedTrialError:
+                return  # the run was taken away (lease expired elsewhere); finish() will say so
+            except Exception as exc:  # a storage hiccup: the next beat may get through
+                print(f"warning: heartbeat failed ({type(exc).__name__}: {exc})", file=sys.stderr)
 
     def __enter__(self) -> Heartbeat:
         self.thread.start()

@@ -31,8 +31,9 @@ from attnbench.train import Diverged, Runtime, train
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def study_name(module: str) -> str:
-    return f"tune-{module}"
+def study_name(module: str, dataset: str) -> str:
+    """One study per module and dataset: accuracies of different datasets are not comparable."""
+    return f"tune-{module}-{dataset}"
 
 
 def tunable_spec(module: str) -> registry.ModuleSpec:
@@ -44,8 +45,8 @@ def tunable_spec(module: str) -> registry.ModuleSpec:
     return spec
 
 
-def open_study(storage: optuna.storages.BaseStorage, module: str) -> optuna.Study:
-    return optuna.create_study(study_name=study_name(module), storage=storage, direction="maximize",
+def open_study(storage: optuna.storages.BaseStorage, module: str, dataset: str) -> optuna.Study:
+    return optuna.create_study(study_name=study_name(module, dataset), storage=storage, direction="maximize",
                                load_if_exists=True,
                                pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1))
 
@@ -70,21 +71,24 @@ def objective(trial: optuna.Trial, spec: registry.ModuleSpec, base: RunConfig, s
 def optimise(storage: optuna.storages.BaseStorage, spec: registry.ModuleSpec, base: RunConfig, splits: Splits,
              rt: Runtime, trials: int) -> None:
     """Run trials until the study holds `trials` finished ones, however many workers share it."""
-    study = open_study(storage, spec.name)
-    study.optimize(lambda t: objective(t, spec, base, splits, rt),
-                   callbacks=[MaxTrialsCallback(trials, states=FINISHED)])
+    study = open_study(storage, spec.name, base.dataset)
+    remaining = trials - len(study.get_trials(deepcopy=False, states=FINISHED))
+    if remaining > 0:
+        study.optimize(lambda t: objective(t, spec, base, splits, rt), n_trials=remaining,
+                       callbacks=[MaxTrialsCallback(trials, states=FINISHED)])
 
 
-def best_options(storage: optuna.storages.BaseStorage, module: str) -> dict[str, Any]:
-    """The options of the best finished trial of a module's tuning study."""
+def best_options(storage: optuna.storages.BaseStorage, module: str, dataset: str) -> dict[str, Any]:
+    """The options of the best finished trial of a module's tuning study on `dataset`."""
     try:
-        study = optuna.load_study(study_name=study_name(module), storage=storage)
+        study = optuna.load_study(study_name=study_name(module, dataset), storage=storage)
         return dict(study.best_trial.user_attrs["options"])
     except (KeyError, ValueError):
-        raise UserError(f"no completed tuning trials for '{module}'; run --tune {module} first") from None
+        raise UserError(f"no completed tuning trials for '{module}' on {dataset}; run --tune {module} "
+                        f"--datasets {dataset} first") from None
 
 
-def report(storage: optuna.storages.BaseStorage, module: str, results_dir: Path) -> str:
+def report(storage: optuna.storages.BaseStorage, module: str, dataset: str, results_dir: Path) -> str:
     """Write tuning.md (best options, importances, trials table) and tuning.png; returns the markdown."""
     import matplotlib
 
@@ -92,10 +96,10 @@ def report(storage: optuna.storages.BaseStorage, module: str, results_dir: Path)
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    study = optuna.load_study(study_name=study_name(module), storage=storage)
+    study = optuna.load_study(study_name=study_name(module, dataset), storage=storage)
     finished = [t for t in study.trials if t.state in FINISHED]
     complete = [t for t in finished if t.state == TrialState.COMPLETE]
-    lines = [f"# Tuning `{module}`", "",
+    lines = [f"# Tuning `{module}` on {dataset}", "",
              f"{len(finished)} finished trials ({len(complete)} complete, {len(finished) - len(complete)} pruned); "
              "objective: best validation top-1 % over epochs (a split held out from the training set).", ""]
     if complete:

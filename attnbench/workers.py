@@ -27,6 +27,9 @@ from attnbench.storage import RunStore, open_storage
 from attnbench.train import Runtime
 
 
+MAX_CRASHES = 3  # per slot: a worker that keeps dying at start-up must not be restarted forever
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     """Everything a fresh worker process needs, as plain picklable values."""
@@ -56,7 +59,7 @@ def worker_main(settings: WorkerSettings) -> int:
 
 
 def _process_main(settings: WorkerSettings) -> None:
-    sys.exit(1 if worker_main(settings) else 0)
+    worker_main(settings)  # failed runs are recorded in the store; any exit but 0 means a crash
 
 
 def launch(settings: WorkerSettings, store: RunStore, slots: list[str | None], poll: float = 1.0) -> None:
@@ -80,7 +83,7 @@ def launch(settings: WorkerSettings, store: RunStore, slots: list[str | None], p
         return proc
 
     procs = {i: start(slot) for i, slot in enumerate(slots)}
-    host = platform.node()
+    host, crashes = platform.node(), 0
     try:
         while procs:
             time.sleep(poll)
@@ -88,12 +91,13 @@ def launch(settings: WorkerSettings, store: RunStore, slots: list[str | None], p
                 if proc.is_alive():
                     continue
                 del procs[i]
-                if proc.exitcode not in (0, 1):  # 1: finished with failed runs, which are recorded
+                if proc.exitcode != 0:
+                    crashes += 1
                     held = store.release_worker(f"{host}:{proc.pid}", f"worker {host}:{proc.pid} died "
                                                                       f"(exit code {proc.exitcode})")
                     print(f"worker {proc.pid} died (exit code {proc.exitcode}); requeued {held} run(s)",
                           file=sys.stderr)
-                if store.pending():
+                if store.pending() and crashes <= MAX_CRASHES * len(slots):
                     procs[i] = start(slots[i])
     finally:
         for proc in procs.values():

@@ -41,7 +41,7 @@ def test_list_shows_every_module_with_kind_and_extra_params(capsys):
 
 
 def test_grid_writes_leaderboard_and_skips_completed_runs(tmp_path, results, capsys):
-    assert run_cli(tmp_path, "--modules", "se", "--seeds", "0,1") == 0
+    assert run_cli(tmp_path, "--modules", "se", "--seeds", "0,1,1") == 0  # a repeated seed is one run
     out, err = capsys.readouterr()
     board = (results / "leaderboard.md").read_text()
     assert out.strip().endswith(board.strip().splitlines()[-1])
@@ -60,6 +60,8 @@ def test_grid_writes_leaderboard_and_skips_completed_runs(tmp_path, results, cap
     assert "4 runs in the grid: 4 complete, 0 running, 0 queued, 0 newly queued" in err
     store = RunStore(open_storage(None, results))
     assert len(store.study.trials) == 4
+    assert main(["--leaderboard-only", "--results-dir", str(results)]) == 0
+    assert (results / "leaderboard.md").read_text() == board
 
 
 def test_run_of_a_dead_worker_is_resumed_in_a_new_trial(tmp_path, results, capsys):
@@ -94,6 +96,11 @@ def test_unknown_module_is_one_line_and_writes_nothing(tmp_path, results, capsys
     (["--datasets", "cifar10", "--data-dir", "/nonexistent"], ["/nonexistent", "--download"]),
     (["--workers", "0"], ["--workers 0: need at least 1 worker"]),
     (["--threads", "-1"], ["--threads -1: use a positive number"]),
+    (["--batch-size", "0"], ["--batch-size 0: must be at least 1"]),
+    (["--lr", "-1"], ["--lr -1.0: must not be negative"]),
+    (["--opt", "spe.p0=abc", "--modules", "spe"], ["p0 takes a float"]),
+    (["--opt", "se.reduction=0", "--modules", "se"], ["cannot be built", "ZeroDivisionError"]),
+    (["--leaderboard-only"], ["no storage at", "nothing has run there yet"]),
     (["--gpus", "7"], ["GPU 7 does not exist"]),
     (["--slurm"], ["no sbatch"]),
 ])

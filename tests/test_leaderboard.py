@@ -24,7 +24,8 @@ def runs_frame(dataset="cifar10", recipe_cfg=None):
         for seed, acc in enumerate(values):
             rows.append({"module": module, "dataset": dataset, "seed": seed, "state": "COMPLETE",
                          "best_acc": acc, "last_acc": acc - 1, "params": 1000 + len(module),
-                         "recipe": cfg.recipe_key(), "recipe_text": cfg.recipe_text})
+                         "recipe": cfg.recipe_key(), "recipe_text": cfg.recipe_text,
+                         "run_key": f"{module}-{seed}"})
     rows.append({**rows[0], "state": "FAIL", "best_acc": None})
     return pd.DataFrame(rows)
 
@@ -51,7 +52,8 @@ def test_published_numbers_only_for_the_paper_recipe():
     assert "published" not in render(runs_frame())
 
 
-def test_failed_runs_do_not_count():
-    text = render(runs_frame())
+def test_failed_runs_and_repeated_completions_do_not_count():
+    frame = runs_frame()
+    text = render(pd.concat([frame, frame[frame.state == "COMPLETE"].head(1)]))
     row = next(line for line in text.splitlines() if line.startswith("| none"))
     assert "| 3 " in row

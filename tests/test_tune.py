@@ -26,10 +26,10 @@ def test_tiny_tuning_study_then_tuned_run(tmp_path, capsys):
     results.mkdir()
     assert main([*TINY, "--tune", "spe", "--trials", "5", "--results-dir", str(results)]) == 0
     text = (results / "tuning.md").read_text()
-    assert "# Tuning `spe`" in text and "5 finished trials" in text and "--opt spe=tuned" in text
+    assert "# Tuning `spe` on synthetic" in text and "5 finished trials" in text and "--opt spe=tuned" in text
     assert (results / "tuning.png").read_bytes()[:4] == b"\x89PNG"
 
-    study = optuna.load_study(study_name=study_name("spe"), storage=open_storage(None, results))
+    study = optuna.load_study(study_name=study_name("spe", "synthetic"), storage=open_storage(None, results))
     assert isinstance(study.pruner, optuna.pruners.MedianPruner)
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(finished) == 5
@@ -59,4 +59,5 @@ def test_module_without_tunable_options_is_refused(tmp_path, capsys):
 
 def test_tuned_without_a_study_is_refused(tmp_path, capsys):
     assert main([*TINY, "--modules", "spe", "--opt", "spe=tuned", "--results-dir", str(tmp_path)]) == 2
-    assert "run --tune spe first" in capsys.readouterr().err
+    assert "nothing has run there yet" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
