@@ -20,7 +20,7 @@ from attnbench import leaderboard
 from attnbench.config import RunConfig
 from attnbench.data import Splits, load_dataset
 from attnbench.files import write_text
-from attnbench.models import build_model
+from attnbench.models import build_model, count_params
 from attnbench.storage import Heartbeat, RunStore, environment
 from attnbench.train import Diverged, Runtime, train
 
@@ -50,7 +50,7 @@ class SplitCache:
 def run_attrs(cfg: RunConfig, splits: Splits, preset_name: str) -> dict:
     """What the leaderboard needs about a run besides its config."""
     model = build_model(cfg.module, cfg.depth, splits.num_classes, cfg.arch, cfg.block, cfg.module_options)
-    return {"params": sum(p.numel() for p in model.parameters()), "preset": preset_name}
+    return {"params": count_params(model), "preset": preset_name}
 
 
 def worker_name() -> str:
@@ -89,34 +89,6 @@ def work(store: RunStore, splits: SplitCache, rt: Runtime, checkpoint_dir: Path)
         })
         print(f"{name}: complete, best {splits[cfg].eval_name} top-1 {result.best_acc:.2f}%", file=sys.stderr)
     return failed
-
-
-def cost_markdown(table: pd.DataFrame, title: str) -> str:
-    """The cost table with each MAC convention named in its column."""
-    out = pd.DataFrame({
-        "module": table["module"],
-        "params": table["params"].map("{:,}".format),
-        "extra params": table["extra_params"].map("{:+,}".format),
-        "MACs, paper: conv+linear (M)": (table["macs_paper"] / 1e6).map("{:.2f}".format),
-        "extra (M)": (table["extra_macs_paper"] / 1e6).map("{:+.2f}".format),
-        "MACs, full: all ops (M)": (table["macs_full"] / 1e6).map("{:.2f}".format),
-        "extra full (M)": (table["extra_macs_full"] / 1e6).map("{:+.2f}".format),
-    })
-    notes = ["MACs per 32x32 image (fvcore, eval mode, batch 1); 'full' adds elementwise ops, activations, "
-             "reductions and batch norm, one MAC per element (see attnbench/measure.py)."]
-    if "train_images_per_s" in table:
-        iqr = lambda col: [f"{m:.0f} [{a:.0f}, {b:.0f}]" for m, a, b in
-                           zip(table[col], table[col + "_q1"], table[col + "_q3"])]
-        out["train img/s [IQR]"] = iqr("train_images_per_s")
-        out["inference img/s [IQR]"] = iqr("infer_images_per_s")
-        out["train step vs none"] = table["train_step_rel_none"].map("{:.2f}x".format)
-        out["train peak memory (MB)"] = (table["train_peak_memory_bytes"] / 2**20).map("{:.0f}".format)
-        a = table.attrs
-        notes.append(f"Throughput: {a.get('device')} ({a.get('device_name', '')}), {a.get('threads')} threads, "
-                     f"batch {a.get('batch_size')}, channels_last={a.get('channels_last')}, amp={a.get('amp')}, "
-                     f"median of {a.get('repeats')} interleaved blocks; memory: {a.get('peak_memory_kind')}.")
-    return "\n".join([f"# Cost of each module: {title}", "", out.to_markdown(index=False, disable_numparse=True), "",
-                      *notes, ""])
 
 
 def write_outputs(runs: pd.DataFrame, results_dir: Path) -> str:

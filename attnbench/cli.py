@@ -20,7 +20,7 @@ from attnbench import registry
 from attnbench.config import PRESETS, RunConfig, config_fields, preset
 from attnbench.data import DATASETS
 from attnbench.errors import UserError
-from attnbench.models import blocks_per_stage, build_model
+from attnbench.models import blocks_per_stage, build_model, count_params
 from attnbench.models.resnet import LAYERS_PER_BLOCK
 
 
@@ -193,11 +193,11 @@ def check_builds(cfg: RunConfig) -> None:
 
 
 def list_modules() -> str:
-    base = sum(p.numel() for p in build_model("none").parameters())
+    base = count_params(build_model("none"))
     rows = []
     for name in registry.available():
         spec = registry.get(name)
-        extra = sum(p.numel() for p in build_model(name).parameters()) - base
+        extra = count_params(build_model(name)) - base
         rows.append([name, ", ".join(spec.aliases), spec.kind, f"{extra:+,}", spec.description])
     table = tabulate(rows, headers=["module", "aliases", "plugs in as", "extra params (ResNet-164, 10 classes)",
                                     "description"])
@@ -317,9 +317,8 @@ def run(args: argparse.Namespace) -> int:
 
 def run_measure(args: argparse.Namespace) -> int:
     """Print and store the cost table: parameters, MACs in both conventions, speed, memory."""
-    from attnbench.bench import cost_markdown
     from attnbench.files import write_text
-    from attnbench.measure import cost_table
+    from attnbench.measure import cost_markdown, cost_table
     from attnbench.train import resolve_device
 
     configs, datasets = plan(args, lambda m, d: {})

@@ -52,7 +52,7 @@ from torch import nn
 
 from attnbench import registry
 from attnbench.errors import UserError
-from attnbench.models import build_model
+from attnbench.models import build_model, count_params
 
 CONVENTIONS = ("paper", "full")
 MODES = ("train", "inference")
@@ -100,11 +100,6 @@ FULL_HANDLES: dict[str, Callable[[list, list], int] | None] = {
     **{f"aten::{op}": None for op in _FREE},
 }
 """Handles added to fvcore's defaults for the ``full`` convention (None: explicitly free)."""
-
-
-def count_params(model: nn.Module) -> int:
-    """Trainable and frozen parameters alike; shared ones once."""
-    return sum(p.numel() for p in model.parameters())
 
 
 @contextmanager
@@ -411,3 +406,31 @@ def cost_table(
     table.attrs.update(_environment(dev), batch_size=batch_size, channels_last=channels_last, amp=amp,
                        repeats=repeats, steps_per_block=steps_per_block)
     return table
+
+
+def cost_markdown(table: pd.DataFrame, title: str) -> str:
+    """The cost table with each MAC convention named in its column."""
+    out = pd.DataFrame({
+        "module": table["module"],
+        "params": table["params"].map("{:,}".format),
+        "extra params": table["extra_params"].map("{:+,}".format),
+        "MACs, paper: conv+linear (M)": (table["macs_paper"] / 1e6).map("{:.2f}".format),
+        "extra (M)": (table["extra_macs_paper"] / 1e6).map("{:+.2f}".format),
+        "MACs, full: all ops (M)": (table["macs_full"] / 1e6).map("{:.2f}".format),
+        "extra full (M)": (table["extra_macs_full"] / 1e6).map("{:+.2f}".format),
+    })
+    notes = ["MACs per 32x32 image (fvcore, eval mode, batch 1); 'full' adds elementwise ops, activations, "
+             "reductions and batch norm, one MAC per element (see attnbench/measure.py)."]
+    if "train_images_per_s" in table:
+        iqr = lambda col: [f"{m:.0f} [{a:.0f}, {b:.0f}]" for m, a, b in
+                           zip(table[col], table[col + "_q1"], table[col + "_q3"])]
+        out["train img/s [IQR]"] = iqr("train_images_per_s")
+        out["inference img/s [IQR]"] = iqr("infer_images_per_s")
+        out["train step vs none"] = table["train_step_rel_none"].map("{:.2f}x".format)
+        out["train peak memory (MB)"] = (table["train_peak_memory_bytes"] / 2**20).map("{:.0f}".format)
+        a = table.attrs
+        notes.append(f"Throughput: {a.get('device')} ({a.get('device_name', '')}), {a.get('threads')} threads, "
+                     f"batch {a.get('batch_size')}, channels_last={a.get('channels_last')}, amp={a.get('amp')}, "
+                     f"median of {a.get('repeats')} interleaved blocks; memory: {a.get('peak_memory_kind')}.")
+    return "\n".join([f"# Cost of each module: {title}", "", out.to_markdown(index=False, disable_numparse=True), "",
+                      *notes, ""])

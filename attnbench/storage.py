@@ -118,9 +118,6 @@ class RunStore:
     def _keys(self, states: tuple[TrialState, ...]) -> set[str]:
         return {t.user_attrs["run_key"] for t in self._runs(states)}
 
-    def is_complete(self, cfg: RunConfig) -> bool:
-        return cfg.key() in self._keys((TrialState.COMPLETE,))
-
     def enqueue(self, configs: list[RunConfig], attrs: dict[str, dict[str, Any]]) -> dict[str, int]:
         """Queue the runs that are neither complete, nor queued, nor running; count each kind."""
         self.reclaim_expired()

@@ -7,7 +7,14 @@ from typing import Any
 from attnbench import registry
 from attnbench.models.resnet import CifarResNet, blocks_per_stage
 
-__all__ = ["CifarResNet", "blocks_per_stage", "build_model"]
+from torch import nn
+
+__all__ = ["CifarResNet", "blocks_per_stage", "build_model", "count_params"]
+
+
+def count_params(model: nn.Module) -> int:
+    """Trainable and frozen parameters alike; shared ones once."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def build_model(
