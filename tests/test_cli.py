@@ -140,3 +140,9 @@ def test_measure_only_prints_and_stores_the_cost_table(tmp_path, results, capsys
 
 def test_measure_only_with_invalid_depth_is_the_training_error(tmp_path, results, capsys):
     one_line_error(capsys, run_cli(tmp_path, "--measure-only", "--depth", "10"), "depth 10 is not valid")
+
+
+def test_default_results_folder_is_created(tmp_path, capsys):
+    fresh = tmp_path / "elsewhere" / "results"
+    assert main([*TINY, "--no-baseline", "--modules", "none", "--results-dir", str(fresh)]) == 0
+    assert {p.name for p in fresh.iterdir()} >= {"runs.journal", "leaderboard.md", "runs.csv", "checkpoints"}
