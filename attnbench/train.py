@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
@@ -105,6 +105,64 @@ def evaluate(model: nn.Module, splits: Splits, cfg: RunConfig, rt: Runtime, auto
     return 100.0 * correct.item() / len(splits.eval_labels)
 
 
+@dataclass
+class Stepper:
+    """A run's model and optimiser with the per-step work of training: the one copy of the hot
+    loop, driven by train() and timed by attnbench.speed, so the benchmark measures what trains."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    forward: Callable[[Tensor], Tensor]  # the model, or its compiled form
+    autocast: Callable[[], AbstractContextManager]
+    scaler: torch.amp.GradScaler | None  # fp16 only: with bf16 or fp32 it would be calls doing nothing
+    device: torch.device
+
+    @classmethod
+    def build(cls, cfg: RunConfig, num_classes: int, rt: Runtime) -> Stepper:
+        """The freshly initialised model of `cfg` (seeded by cfg.seed) and its optimiser."""
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.module, cfg.depth, num_classes, cfg.arch, cfg.block, cfg.module_options)
+        model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True
+        )
+        if rt.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        dtype = AMP_DTYPES.get(cfg.amp)
+
+        def autocast() -> AbstractContextManager:
+            return torch.autocast(rt.device.type, dtype=dtype) if dtype else nullcontext()
+
+        return cls(model, optimizer, torch.compile(model, dynamic=False) if rt.compile else model, autocast,
+                   torch.amp.GradScaler(rt.device.type) if cfg.amp == "fp16" else None, rt.device)
+
+    def run(self, batches: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        """Train on every batch; return the summed loss and the count of correct predictions as
+        device tensors, so that no step waits for the device to report back."""
+        model, optimizer, scaler = self.model, self.optimizer, self.scaler
+        model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        for x, y in batches:
+            with self.autocast():
+                logits = self.forward(x)
+                loss = F.cross_entropy(logits, y)
+                extra = model.extra_loss()
+                if extra is not None:
+                    loss = loss + extra
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+        return loss_sum, correct
+
+
 def train(
     cfg: RunConfig,
     splits: Splits,
@@ -114,12 +172,8 @@ def train(
 ) -> RunResult:
     """Train one run to the end, resuming from `checkpoint` if it holds an earlier state."""
     check_amp(cfg.amp, rt.device)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.module, cfg.depth, splits.num_classes, cfg.arch, cfg.block, cfg.module_options)
-    model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True
-    )
+    stepper = Stepper.build(cfg, splits.num_classes, rt)
+    model, optimizer = stepper.model, stepper.optimizer
     result = RunResult()
     if checkpoint is not None and checkpoint.exists():
         state = load_checkpoint(checkpoint, cfg)
@@ -130,15 +184,6 @@ def train(
             if on_epoch is not None:
                 on_epoch(record)
 
-    if rt.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    step_model = torch.compile(model) if rt.compile else model
-    dtype = AMP_DTYPES.get(cfg.amp)
-
-    def autocast():
-        return torch.autocast(rt.device.type, dtype=dtype) if dtype else nullcontext()
-
-    scaler = torch.amp.GradScaler(enabled=cfg.amp == "fp16")
     progress = sys.stderr.isatty() if rt.progress is None else rt.progress
     steps = math.ceil(len(splits.train_labels) / cfg.batch_size)
     name = f"{cfg.label} {cfg.dataset} seed {cfg.seed}"
@@ -149,23 +194,9 @@ def train(
         lr = lr_at(cfg, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        model.train()
-        loss_sum = torch.zeros((), device=rt.device)
-        correct = torch.zeros((), dtype=torch.long, device=rt.device)
         batches = train_batches(splits, cfg.batch_size, epoch, cfg.seed, channels_last=rt.channels_last)
-        for x, y in tqdm(batches, total=steps, desc=f"epoch {epoch + 1}", leave=False, disable=not progress):
-            with autocast():
-                logits = step_model(x)
-                loss = F.cross_entropy(logits, y)
-                extra = model.extra_loss()
-                if extra is not None:
-                    loss = loss + extra
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
+        loss_sum, correct = stepper.run(
+            tqdm(batches, total=steps, desc=f"epoch {epoch + 1}", leave=False, disable=not progress))
 
         n = len(splits.train_labels)
         train_loss = loss_sum.item() / n  # the epoch's one host sync for training metrics
@@ -175,7 +206,7 @@ def train(
             "epoch": epoch,
             "train_loss": train_loss,
             "train_acc": 100.0 * correct.item() / n,
-            "eval_acc": evaluate(step_model, splits, cfg, rt, autocast),
+            "eval_acc": evaluate(stepper.forward, splits, cfg, rt, stepper.autocast),
             "lr": lr,
             "seconds": time.perf_counter() - started,
         }
