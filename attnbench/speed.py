@@ -107,6 +107,9 @@ class HarnessLoop:
         return self.images - before
 
 
+BUSY = 0.1  # share of the CPU taken by other processes above which a result is suspect
+
+
 def _descendants(pid: int) -> list[int]:
     """`pid`'s children, their children, and so on (the loader's workers are grandchildren)."""
     found = []
@@ -178,6 +181,12 @@ class Speed:
     @property
     def ratio(self) -> float:
         return self.harness_median / self.plain_median
+
+    @property
+    def paired_ratio(self) -> float:
+        """Median of the per-block ratios: each pair of blocks ran back to back, so a slow spell
+        of the machine hits both sides of a pair, where it can shift one side's median alone."""
+        return statistics.median(h / p for h, p in zip(self.harness, self.plain))
 
 
 def measure(cfg: RunConfig, splits: Splits, rt: Runtime, *, blocks: int = 7, steps: int = 10, warmup: int = 5,
@@ -282,8 +291,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     speed = measure(cfg, splits, rt, blocks=args.blocks, steps=args.steps, warmup=args.warmup,
                     workers=args.workers, on_block=report)
     print(f"plain loop: {speed.plain_median:.1f} img/s, harness: {speed.harness_median:.1f} img/s "
-          f"(medians of {args.blocks} blocks of {args.steps} steps); harness / plain = {speed.ratio:.2f}x; "
-          f"load average now {os.getloadavg()[0]:.2f}")
+          f"(medians of {args.blocks} blocks of {args.steps} steps); harness / plain = {speed.ratio:.2f}x "
+          f"(median of the per-block ratios: {speed.paired_ratio:.2f}x)")
+    busiest = max((o for o in speed.others if o is not None), default=None)
+    if busiest is not None and busiest > BUSY:
+        print(f"warning: other processes took up to {busiest:.0%} of the CPU during the timing; two torch "
+              "threads slow down several-fold when a core is taken, so rerun on an idle machine", file=sys.stderr)
     return 0
 
 

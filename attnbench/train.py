@@ -133,7 +133,7 @@ class Stepper:
         def autocast() -> AbstractContextManager:
             return torch.autocast(rt.device.type, dtype=dtype) if dtype else nullcontext()
 
-        return cls(model, optimizer, torch.compile(model, dynamic=False) if rt.compile else model, autocast,
+        return cls(model, optimizer, torch.compile(model) if rt.compile else model, autocast,
                    torch.amp.GradScaler(rt.device.type) if cfg.amp == "fp16" else None, rt.device)
 
     def run(self, batches: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
