@@ -58,14 +58,17 @@ class PlainLoop:
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.module, cfg.depth, splits.num_classes, cfg.arch, cfg.block,
                                  cfg.module_options).to(device)
+        torch.backends.cudnn.benchmark = True  # as cifar.py sets it; no effect on the CPU
         self.criterion = nn.CrossEntropyLoss()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                                T.Normalize(splits.mean, splits.std)])
         dataset = TorchvisionCifar(splits.train_images, splits.train_labels, transform)
-        # DataLoader's defaults, as in cifar.py: workers are started afresh every epoch
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=workers)
+        # cifar.py starts its workers afresh every epoch; on the 4,000-image mini set epochs are 12x
+        # shorter than CIFAR-10's, so that cost would weigh 12x more here: the plain side is spared it.
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=workers,
+                            persistent_workers=workers > 0)
         self.device = device
         self.batches = (batch for _ in count() for batch in loader)
 
@@ -138,10 +141,16 @@ def _serve(kind: str, cfg: RunConfig, splits: Splits, rt: Runtime, workers: int,
     """Body of a side's process: build the side, then answer each number of steps with the
     images/s of running them, until told None."""
     try:
+        # A spawned process inherits "spawn" as its start method, which would make the loader
+        # start its workers by importing everything afresh, seconds per epoch; a user's script
+        # starts them with the platform's default (fork on Linux).
+        mp.set_start_method(None, force=True)
         torch.set_num_threads(threads)
-        splits = replace(splits, **{f: getattr(splits, f).to(rt.device) for f in
-                                    ("train_images", "train_labels", "eval_images", "eval_labels")})
-        side = PlainLoop(cfg, splits, rt.device, workers) if kind == "plain" else HarnessLoop(cfg, splits, rt)
+        if kind == "plain":
+            side: PlainLoop | HarnessLoop = PlainLoop(cfg, splits, rt.device, workers)
+        else:  # the harness keeps the whole dataset where the model runs
+            side = HarnessLoop(cfg, replace(splits, **{f: getattr(splits, f).to(rt.device) for f in
+                                                       ("train_images", "train_labels", "eval_images", "eval_labels")}), rt)
         conn.send(0.0)
         for steps in iter(conn.recv, None):
             started = time.perf_counter()
@@ -195,9 +204,9 @@ def measure(cfg: RunConfig, splits: Splits, rt: Runtime, *, blocks: int = 7, ste
     steps each (the first steps start the loader's workers, pick kernels and grow the heap: at
     ResNet-164 the first four steps page in memory and are up to twice as slow).
 
-    Each side runs in a fresh process of its own, as it would for a user: process-wide state
-    (the C allocator's heap and settings, torch's thread pool) is then each side's alone. Only
-    one side computes at a time; the other waits for its next block."""
+    Each side runs in a fresh process of its own, as it would for a user, so process-wide state
+    (the C allocator's heap, torch's thread pool, the loader's forked workers) is each side's
+    alone. Only one side computes at a time; the other waits for its next block."""
     context = mp.get_context("spawn")  # fork would copy this process's torch threads
     conns, processes = [], []
     try:

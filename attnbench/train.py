@@ -40,7 +40,7 @@ class Runtime:
 
     device: torch.device = field(default_factory=lambda: default_device())
     compile: bool = False
-    channels_last: bool = True
+    channels_last: bool = True  # on a 2-core AVX2 CPU 1.15-1.2x (ResNet-20), 1.3x (ResNet-164) faster than NCHW
     progress: bool | None = None  # None: bars only on an interactive terminal
 
 

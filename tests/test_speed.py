@@ -65,11 +65,20 @@ def test_speed_measures_both_loops(splits: data.Splits, one_thread: None) -> Non
     assert result.ratio == pytest.approx(result.harness_median / result.plain_median)
 
 
-def test_speed_command_prints_both_speeds_and_the_ratio(capsys: pytest.CaptureFixture, one_thread: None) -> None:
-    assert speed.main(["--depth", "8", "--dataset", "synthetic", "--batch-size", "16", "--blocks", "1",
-                       "--steps", "1", "--warmup", "1", "--workers", "0", "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
-    assert "plain loop:" in out and "harness:" in out and "harness / plain = " in out
+def test_speed_command_prints_both_speeds_the_ratio_and_a_load_warning(monkeypatch, capsys) -> None:
+    def fake_measure(cfg, splits, rt, *, blocks, on_block, **_):
+        assert (cfg.depth, cfg.block, cfg.batch_size, blocks) == (8, "basic", 16, 2)
+        result = speed.Speed([100.0, 110.0], [150.0, 170.0], [0.01, 0.5])
+        for block in range(blocks):
+            on_block(block, result.plain[block], result.harness[block], result.others[block])
+        return result
+
+    monkeypatch.setattr(speed, "measure", fake_measure)
+    assert speed.main(["--depth", "8", "--dataset", "synthetic", "--batch-size", "16", "--blocks", "2", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert "block 2/2: plain 110.0 img/s, harness 170.0 img/s, other processes 50% of the CPU" in out
+    assert "plain loop: 105.0 img/s, harness: 160.0 img/s" in out and "harness / plain = 1.52x" in out
+    assert "other processes took up to 50% of the CPU" in err
 
 
 def test_speed_command_rejects_a_bad_depth_in_one_line(capsys: pytest.CaptureFixture) -> None:
