@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import platform
+import functools
 import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -47,10 +49,16 @@ class SplitCache:
         return self.loaded[key]
 
 
-def run_attrs(cfg: RunConfig, splits: Splits, preset_name: str) -> dict:
+def run_attrs(cfg: RunConfig, splits: Splits, preset_name: str) -> dict[str, Any]:
     """What the leaderboard needs about a run besides its config."""
-    model = build_model(cfg.module, cfg.depth, splits.num_classes, cfg.arch, cfg.block, cfg.module_options)
-    return {"params": count_params(model), "preset": preset_name}
+    return {"params": _params(cfg.module, cfg.options, cfg.depth, splits.num_classes, cfg.arch, cfg.block),
+            "preset": preset_name}
+
+
+@functools.lru_cache(maxsize=None)
+def _params(module: str, options: tuple, depth: int, num_classes: int, arch: str, block: str) -> int:
+    """Seeds and datasets of one module share a count: build each model once, not once per run."""
+    return count_params(build_model(module, depth, num_classes, arch, block, dict(options)))
 
 
 def worker_name() -> str:

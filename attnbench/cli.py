@@ -43,13 +43,13 @@ def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
-def _option_value(text: str) -> Any:
-    for parse in (int, float):
-        try:
-            return parse(text)
-        except ValueError:
-            pass
-    return text
+def _as_type_of(default: Any, text: str) -> Any:
+    """An --opt value parsed as the type of the option's default (a bool from true/false)."""
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(text)
+        return text.lower() in ("true", "1")
+    return text if default is None else type(default)(text)
 
 
 FIELD_TYPES = {"int": int, "float": float, "str": str, "tuple[int, ...]": _int_list}
@@ -161,7 +161,7 @@ def parse_options(items: list[str], modules: list[str]) -> tuple[dict[str, dict[
         spec.check_options({name: None})
         default = spec.defaults[name]
         try:
-            options.setdefault(spec.name, {})[name] = type(default)(value) if default is not None else value
+            options.setdefault(spec.name, {})[name] = _as_type_of(default, value)
         except ValueError:
             raise UserError(f"--opt '{item}': {name} takes a {type(default).__name__}, like its default "
                             f"{default!r}") from None

@@ -46,17 +46,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
 from attnbench import registry
 from attnbench.errors import UserError
 from attnbench.models import build_model, count_params
+from attnbench.train import Runtime, Stepper, check_amp, resolve_device
 
 CONVENTIONS = ("paper", "full")
 MODES = ("train", "inference")
-AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Operator names (as fvcore's handles label them) that make up the papers' count.
 _PAPER_OPS = frozenset({"conv", "linear", "addmm", "matmul", "mm", "bmm", "einsum"})
@@ -195,13 +194,6 @@ def _peak_memory(device: torch.device) -> int | None:
     return int(found.group(1)) * 1024 if found else None
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{device}' asked for but CUDA is not available here; use device cpu")
-    return device
-
-
 class _Timer:
     """One model copy prepared to run timed blocks of steps, so several can be timed in turns.
 
@@ -222,40 +214,27 @@ class _Timer:
     ):
         if mode not in MODES:
             raise UserError(f"unknown throughput mode '{mode}'; use one of: {', '.join(MODES)}")
-        if amp not in AMP_DTYPES:
-            raise UserError(f"unknown AMP setting '{amp}'; use 'bf16', 'fp16' or None (full precision)")
-        self.device, self.mode, self.batch_size, self.amp = device, mode, batch_size, amp
+        check_amp(amp or "", device)
+        self.device, self.mode, self.batch_size = device, mode, batch_size
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = copy.deepcopy(model).to(device, memory_format=fmt)
+        # The training side is the trainer's own step (Stepper), so this times what trains.
+        self.stepper = Stepper.wrap(copy.deepcopy(model), Runtime(device=device, channels_last=channels_last),
+                                    lr=0.1, momentum=0.9, weight_decay=1e-4, amp=amp or "")
+        self.model = self.stepper.model
         gen = torch.Generator().manual_seed(0)
         self.x = torch.randn(batch_size, 3, input_size, input_size, generator=gen).to(device, memory_format=fmt)
         with _eval_mode(self.model), torch.no_grad():
             classes = self.model(self.x[:1]).shape[1]
         self.y = torch.randint(0, classes, (batch_size,), generator=gen).to(device)
         self.model.train(mode == "train")
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-        # Loss scaling only for fp16, as a real fp16 run would do it; bf16 has fp32's range.
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         self.peak_memory: int | None = None
         self.peak_memory_kind = "unavailable"
 
-    def _autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp], enabled=self.amp is not None)
-
     def _train_step(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            loss = F.cross_entropy(self.model(self.x), self.y)
-            extra_loss = getattr(self.model, "extra_loss", None)
-            extra = extra_loss() if callable(extra_loss) else None
-            if extra is not None:
-                loss = loss + extra
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.stepper.run(((self.x, self.y),))
 
     def _inference_step(self) -> None:
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self.stepper.autocast():
             self.model(self.x)
 
     def _sync(self) -> None:
@@ -332,7 +311,7 @@ def measure_throughput(
     set during the blocks (warm-up included). That includes the interpreter, the libraries and
     memory the allocator kept, so it is an upper bound, comparable between modules only roughly.
     """
-    device = _resolve_device(device)
+    device = resolve_device(str(device))
     timer = _Timer(model, batch_size=batch_size, mode=mode, device=device,
                    channels_last=channels_last, amp=amp, input_size=input_size)
     seconds = _time_interleaved({"": timer}, warmup=warmup, repeats=repeats, steps=steps_per_block)[""]
@@ -376,7 +355,7 @@ def cost_table(
     name to its constructor options. Environment (threads, device, memory meaning) is in
     ``df.attrs``.
     """
-    dev = _resolve_device(device)  # before minutes of MAC counting, not after
+    dev = resolve_device(str(device))  # before minutes of MAC counting, not after
     names = list(dict.fromkeys(["none", *(registry.get(m).name for m in modules)]))
     opts = {registry.get(k).name: dict(v) for k, v in (options or {}).items()}
     models = {n: build_model(n, depth, num_classes, arch, block, opts.get(n)) for n in names}

@@ -122,19 +122,25 @@ class Stepper:
         """The freshly initialised model of `cfg` (seeded by cfg.seed) and its optimiser."""
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.module, cfg.depth, num_classes, cfg.arch, cfg.block, cfg.module_options)
+        return cls.wrap(model, rt, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, amp=cfg.amp)
+
+    @classmethod
+    def wrap(cls, model: nn.Module, rt: Runtime, *, lr: float, momentum: float, weight_decay: float,
+             amp: str = "") -> Stepper:
+        """Move `model` to the runtime's device and layout and give it the recipe's optimiser;
+        measure.py times its train steps through this too."""
         model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
-        optimizer = torch.optim.SGD(
-            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True
-        )
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                    foreach=True)
         if rt.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        dtype = AMP_DTYPES.get(cfg.amp)
+        dtype = AMP_DTYPES.get(amp)
 
         def autocast() -> AbstractContextManager:
             return torch.autocast(rt.device.type, dtype=dtype) if dtype else nullcontext()
 
         return cls(model, optimizer, torch.compile(model) if rt.compile else model, autocast,
-                   torch.amp.GradScaler(rt.device.type) if cfg.amp == "fp16" else None, rt.device)
+                   torch.amp.GradScaler(rt.device.type) if amp == "fp16" else None, rt.device)
 
     def run(self, batches: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
         """Train on every batch; return the summed loss and the count of correct predictions as

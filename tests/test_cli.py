@@ -35,9 +35,12 @@ def one_line_error(capsys, code, *needles):
 
 def test_list_shows_every_module_with_kind_and_extra_params(capsys):
     assert main(["--list"]) == 0
-    out = capsys.readouterr().out
-    for line in ("spe", "+32,364", "iebn", "norm", "+24,224", "se", "+202,104", "cbam", "+207,504"):
-        assert line in out
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["spe"][1:4] == ["spem,", "spenet", "gate"] and rows["spe"][4] == "+32,364"
+    assert rows["iebn"][1:3] == ["norm", "+24,224"]
+    assert rows["se"][1:4] == ["senet", "gate", "+202,104"]
+    assert rows["cbam"][1:3] == ["gate", "+207,504"]
+    assert rows["none"][3] == "identity" and rows["none"][4] == "+0"
 
 
 def test_grid_writes_leaderboard_and_skips_completed_runs(tmp_path, results, capsys):
@@ -146,3 +149,13 @@ def test_default_results_folder_is_created(tmp_path, capsys):
     fresh = tmp_path / "elsewhere" / "results"
     assert main([*TINY, "--no-baseline", "--modules", "none", "--results-dir", str(fresh)]) == 0
     assert {p.name for p in fresh.iterdir()} >= {"runs.journal", "leaderboard.md", "runs.csv", "checkpoints"}
+
+
+def test_option_values_take_the_type_of_the_default():
+    from attnbench.cli import _as_type_of
+
+    assert _as_type_of(0.5, "2") == 2.0 and isinstance(_as_type_of(0.5, "2"), float)
+    assert _as_type_of(16, "8") == 8
+    assert _as_type_of(True, "false") is False and _as_type_of(False, "1") is True
+    with pytest.raises(ValueError):
+        _as_type_of(True, "maybe")

@@ -18,7 +18,7 @@ from torch import nn
 
 from attnbench import registry
 from attnbench.errors import UserError
-from attnbench.measure import cost_table, count_macs, count_params, mac_analysis, measure_throughput
+from attnbench.measure import cost_table, count_macs, mac_analysis, measure_throughput
 from attnbench.models import build_model
 
 SEED_MODULES = ("none", "se", "cbam", "iebn", "spe")
@@ -176,11 +176,6 @@ def macs() -> dict[str, dict[str, int]]:
     return counts
 
 
-def test_count_params_is_sum_of_numel() -> None:
-    model = build_model("cbam", 11, CLASSES)
-    assert count_params(model) == sum(p.numel() for p in model.parameters())
-
-
 @pytest.mark.parametrize("convention", ["paper", "full"])
 @pytest.mark.parametrize("module", SEED_MODULES)
 def test_macs_match_hand_derivation(macs: dict, module: str, convention: str) -> None:
@@ -249,8 +244,10 @@ def test_throughput_rejects_bad_settings() -> None:
     model = build_model("none", 11, CLASSES)
     with pytest.raises(UserError, match="mode"):
         measure_throughput(model, mode="eval")
-    with pytest.raises(UserError, match="AMP"):
+    with pytest.raises(UserError, match="--amp 'fp8' is not supported"):
         measure_throughput(model, amp="fp8")
+    with pytest.raises(UserError, match="needs a CUDA device"):  # the trainer's own check
+        measure_throughput(model, amp="bf16", device="cpu")
 
 
 def test_cost_table_rows_and_baseline() -> None:

@@ -30,11 +30,6 @@ def test_preresnet164_parameter_count(classes, expected):
     assert n_params(build_model("none", 164, classes, arch="preresnet")) == expected
 
 
-def test_spe_extra_params_are_4c_plus_2_per_block():
-    # 18 blocks per stage, C = 64, 128, 256.
-    assert EXTRA["spe"] == 18 * sum(4 * c + 2 for c in (64, 128, 256))
-
-
 @pytest.mark.parametrize("arch", ["resnet", "preresnet"])
 @pytest.mark.parametrize("block, depth", [("bottleneck", 11), ("basic", 8)])
 @pytest.mark.parametrize("module", sorted(EXTRA))
