@@ -13,7 +13,7 @@ shows both, each labelled:
   - conv/linear: one per multiply-accumulate; a bias is the accumulator's starting value, so it
     adds nothing (fvcore's rule).
   - elementwise ops (add, sub, mul, div, neg, ..., and activations, ReLU and sigmoid included):
-    one per output element. Activations count because they are real passes over memory and a
+    one per output element, two for ``addcmul`` (a multiply and an add). Activations count because they are real passes over memory and a
     gate is mostly made of them; a sigmoid is scored like an add, so transcendental work is
     undercounted rather than guessed.
   - reductions (mean, sum, amax, amin, global max/min, adaptive pooling): one per input element
@@ -93,6 +93,7 @@ _FREE = ("expand_as", "view_as", "unflatten", "movedim")
 FULL_HANDLES: dict[str, Callable[[list, list], int] | None] = {
     **{f"aten::{op}": _per_output_element for op in _ELEMENTWISE},
     **{f"aten::{op}": _per_input_element(1) for op in _REDUCTIONS},
+    "aten::addcmul": lambda inputs, outputs: 2 * _numel(outputs[0]),
     "aten::aminmax": _per_input_element(2),
     "aten::max": _max_or_min,
     "aten::min": _max_or_min,

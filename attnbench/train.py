@@ -8,6 +8,7 @@ any point resumes to bit-identical weights on the same machine.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import sys
 import time
@@ -92,6 +93,20 @@ def check_amp(amp: str, device: torch.device) -> None:
         raise UserError("--amp bf16: this GPU has no bfloat16 support; use --amp fp16")
 
 
+def keep_freed_memory() -> None:
+    """Have the C allocator keep freed memory for reuse instead of handing it back to the OS.
+
+    On the GPU torch's caching allocator does this. On the CPU torch leaves it to malloc, and
+    glibc serves every block above its mmap threshold (32 MiB at most) with a fresh mmap that it
+    unmaps on free, so each 33 MB activation of a ResNet-164 batch page-faults its memory in
+    anew: an elementwise op on it took 15 ms instead of 3 here, and a training step 2.5x as
+    long. Off glibc (macOS, musl) this changes nothing."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(-4, 0)  # M_MMAP_MAX: serve large blocks from the heap too
+        mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: keep the heap's free top instead of trimming it
+
+
 def lr_at(cfg: RunConfig, epoch: int) -> float:
     return cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
 
@@ -134,6 +149,8 @@ class Stepper:
                                     foreach=True)
         if rt.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        else:
+            keep_freed_memory()
         dtype = AMP_DTYPES.get(amp)
 
         def autocast() -> AbstractContextManager:

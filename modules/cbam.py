@@ -3,6 +3,7 @@
 import torch
 from torch import Tensor, nn
 
+from attnbench.pooling import channel_max_and_mean, global_max, global_mean
 from attnbench.registry import register
 
 
@@ -25,13 +26,11 @@ class CBAMGate(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n, c = x.shape[:2]
-        # One MLP call over both pooled descriptors instead of two. max() with indices has a much
-        # cheaper backward on CPU than amax(), which spreads gradients over ties.
-        pooled = torch.cat((x.mean((2, 3)), x.flatten(2).max(2).values))
+        # One MLP call over both pooled descriptors instead of two.
+        pooled = torch.cat((global_mean(x), global_max(x)))
         avg_out, max_out = self.mlp(pooled).split(n)
         x1 = x * (avg_out + max_out).sigmoid_().view(n, c, 1, 1)
-        maps = torch.cat((x1.amax(1, keepdim=True), x1.mean(1, keepdim=True)), dim=1)
-        return x1 * self.spatial_bn(self.spatial_conv(maps)).sigmoid_()
+        return x1 * self.spatial_bn(self.spatial_conv(channel_max_and_mean(x1))).sigmoid_()
 
 
 register("cbam", "CBAM: channel gate (avg+max pooling MLP) then 7x7 spatial gate", gate=CBAMGate)

@@ -2,6 +2,7 @@
 
 from torch import Tensor, nn
 
+from attnbench.pooling import global_mean
 from attnbench.registry import register
 
 
@@ -14,7 +15,7 @@ class SEGate(nn.Module):
         self.fc2 = nn.Linear(channels // reduction, channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        a = self.fc2(self.fc1(x.mean((2, 3))).relu_()).sigmoid_()
+        a = self.fc2(self.fc1(global_mean(x)).relu_()).sigmoid_()
         return x * a[:, :, None, None]
 
 
