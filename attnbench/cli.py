@@ -329,7 +329,7 @@ def run_measure(args: argparse.Namespace) -> int:
                        num_classes=100 if datasets[0] == "cifar100" else 10, batch_size=args.measure_batch,
                        device=device, throughput=args.measure_repeats > 0, channels_last=not args.no_channels_last,
                        amp=base.amp or None, repeats=max(args.measure_repeats, 1),
-                       options={c.module: c.module_options for c in configs})
+                       options={c.module: c.module_options for c in configs}, progress=args.progress)
     markdown = cost_markdown(table, f"{base.arch}-{base.depth} ({base.block}), {datasets[0]}")
     write_text(args.results_dir / "costs.md", markdown)
     write_text(args.results_dir / "costs.csv", table.to_csv(index=False))

@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -48,6 +49,7 @@ import pandas as pd
 import torch
 from fvcore.nn import FlopCountAnalysis
 from torch import nn
+from tqdm.auto import tqdm
 
 from attnbench import registry
 from attnbench.errors import UserError
@@ -258,18 +260,25 @@ class _Timer:
         return seconds
 
 
-def _time_interleaved(timers: Mapping[str, _Timer], *, warmup: int, repeats: int, steps: int) -> dict[str, list[float]]:
+def _time_interleaved(timers: Mapping[str, _Timer], *, warmup: int, repeats: int, steps: int,
+                      desc: str = "timing", progress: bool | None = False) -> dict[str, list[float]]:
     """Block times per timer; each round rotates the order so slow drift (thermal, other
-    processes) and position effects (cache state left by the previous model) hit all alike."""
+    processes) and position effects (cache state left by the previous model) hit all alike.
+    `progress` shows a bar over the blocks (None: only on an interactive terminal)."""
     names = list(timers)
+    bar = tqdm(total=len(names) * (warmup + repeats), desc=desc, unit="block", leave=False, file=sys.stderr,
+               disable=None if progress is None else not progress)  # tqdm's None: only on a terminal
     for name in names:
         for _ in range(warmup):
             timers[name].block(steps)
+            bar.update()
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             seconds[name].append(timers[name].block(steps))
+            bar.update()
+    bar.close()
     return seconds
 
 
@@ -345,6 +354,7 @@ def cost_table(
     repeats: int = 10,
     steps_per_block: int = 1,
     options: Mapping[str, Mapping[str, Any]] | None = None,
+    progress: bool | None = False,
 ) -> pd.DataFrame:
     """One row per module (canonical names; `none` always included, first, as the baseline).
 
@@ -353,8 +363,8 @@ def cost_table(
     train-step time relative to `none` and the train peak memory. The relative time is the
     median over rounds of the ratio within a round: all modules are timed in turns in the same
     call, so drift during the measurement cancels out of the ratio. `options` maps a module
-    name to its constructor options. Environment (threads, device, memory meaning) is in
-    ``df.attrs``.
+    name to its constructor options; `progress` shows a bar while timing (None: only on an
+    interactive terminal). Environment (threads, device, memory meaning) is in ``df.attrs``.
     """
     dev = resolve_device(str(device))  # before minutes of MAC counting, not after
     names = list(dict.fromkeys(["none", *(registry.get(m).name for m in modules)]))
@@ -373,7 +383,8 @@ def cost_table(
     for mode, prefix in (("train", "train"), ("inference", "infer")):
         timers = {n: _Timer(m, batch_size=batch_size, mode=mode, device=dev, channels_last=channels_last,
                             amp=amp, input_size=input_size) for n, m in models.items()}
-        seconds = _time_interleaved(timers, warmup=warmup, repeats=repeats, steps=steps_per_block)
+        seconds = _time_interleaved(timers, warmup=warmup, repeats=repeats, steps=steps_per_block,
+                                    desc=f"timing {mode} steps", progress=progress)
         summaries = {n: _summary(timers[n], seconds[n], steps_per_block) for n in names}
         for stat in ("images_per_s", "images_per_s_q1", "images_per_s_q3"):
             table[f"{prefix}_{stat}"] = [summaries[n][stat] for n in names]
