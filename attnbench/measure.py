@@ -13,9 +13,9 @@ shows both, each labelled:
   - conv/linear: one per multiply-accumulate; a bias is the accumulator's starting value, so it
     adds nothing (fvcore's rule).
   - elementwise ops (add, sub, mul, div, neg, ..., and activations, ReLU and sigmoid included):
-    one per output element, two for ``addcmul`` (a multiply and an add). Activations count because they are real passes over memory and a
-    gate is mostly made of them; a sigmoid is scored like an add, so transcendental work is
-    undercounted rather than guessed.
+    one per output element, two for ``addcmul`` (a multiply and an add). Activations count
+    because they are real passes over memory and a gate is mostly made of them; a sigmoid is
+    scored like an add, so transcendental work is undercounted rather than guessed.
   - reductions (mean, sum, amax, amin, global max/min, adaptive pooling): one per input element
     per result, so ``aminmax`` costs as much as ``amax`` plus ``amin``: the fused kernel is an
     implementation detail, not less arithmetic.
@@ -67,8 +67,11 @@ def _numel(value: Any) -> int:
     return math.prod(value.type().sizes())
 
 
-def _per_output_element(inputs: list, outputs: list) -> int:
-    return _numel(outputs[0])
+def _per_output_element(ops: int) -> Callable[[list, list], int]:
+    def handle(inputs: list, outputs: list) -> int:
+        return ops * _numel(outputs[0])
+
+    return handle
 
 
 def _per_input_element(results: int) -> Callable[[list, list], int]:
@@ -93,9 +96,9 @@ _REDUCTIONS = ("mean", "sum", "amax", "amin", "adaptive_max_pool2d")
 _FREE = ("expand_as", "view_as", "unflatten", "movedim")
 
 FULL_HANDLES: dict[str, Callable[[list, list], int] | None] = {
-    **{f"aten::{op}": _per_output_element for op in _ELEMENTWISE},
+    **{f"aten::{op}": _per_output_element(1) for op in _ELEMENTWISE},
     **{f"aten::{op}": _per_input_element(1) for op in _REDUCTIONS},
-    "aten::addcmul": lambda inputs, outputs: 2 * _numel(outputs[0]),
+    "aten::addcmul": _per_output_element(2),
     "aten::aminmax": _per_input_element(2),
     "aten::max": _max_or_min,
     "aten::min": _max_or_min,
@@ -266,19 +269,18 @@ def _time_interleaved(timers: Mapping[str, _Timer], *, warmup: int, repeats: int
     processes) and position effects (cache state left by the previous model) hit all alike.
     `progress` shows a bar over the blocks (None: only on an interactive terminal)."""
     names = list(timers)
-    bar = tqdm(total=len(names) * (warmup + repeats), desc=desc, unit="block", leave=False, file=sys.stderr,
-               disable=None if progress is None else not progress)  # tqdm's None: only on a terminal
-    for name in names:
-        for _ in range(warmup):
-            timers[name].block(steps)
-            bar.update()
     seconds: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            seconds[name].append(timers[name].block(steps))
-            bar.update()
-    bar.close()
+    with tqdm(total=len(names) * (warmup + repeats), desc=desc, unit="block", leave=False, file=sys.stderr,
+              disable=None if progress is None else not progress) as bar:  # tqdm's None: only on a terminal
+        for name in names:
+            for _ in range(warmup):
+                timers[name].block(steps)
+                bar.update()
+        for r in range(repeats):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                seconds[name].append(timers[name].block(steps))
+                bar.update()
     return seconds
 
 

@@ -3,10 +3,15 @@
 A gate pools its input and multiplies the input by the result, so the input's gradient is the
 sum of two full-size tensors: one from the multiply and one from the pooling. When the two come
 in different memory layouts, adding them is a strided gather, not a stream: 13 ms instead of 2 ms
-at (128, 64, 32, 32) on a 2-core CPU. ``x.mean((2, 3))``, ``x.flatten(2).max(2)`` and their
-kin hand back an NCHW gradient for a channels_last input; the forms below hand it back in the
-input's own layout. Without autograd (evaluation, and measure.py's counter, which therefore
-costs them like the plain forms) they are the plain reductions.
+at (128, 64, 32, 32) on a 2-core CPU. For a channels_last input, ``x.mean((2, 3))`` and
+``x.flatten(2).max(2)`` hand back an NCHW gradient, and ``amax`` shares the gradient among ties
+with several full-size passes; the forms below hand it back in the input's own layout. Without
+autograd (evaluation, and measure.py's counter, which therefore costs them like the plain forms)
+they are the plain reductions.
+
+With ties, a max or min sends its whole gradient to one of the tied elements (as ``max`` along a
+dim does), where ``amax`` would split it. These forms were chosen and timed on the CPU; on CUDA
+they are correct but untimed.
 """
 
 from __future__ import annotations

@@ -5,16 +5,27 @@ from __future__ import annotations
 import pytest
 import torch
 
+import attnbench.pooling
 from attnbench.pooling import channel_max_and_mean, global_extremes, global_max, global_mean
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-def _input(layout: str) -> torch.Tensor:
+def _distinct(shape: tuple[int, ...]) -> torch.Tensor:
+    """A permutation of distinct values: no ties, so every max and min has one winner."""
     torch.manual_seed(0)
-    # A permutation of distinct values: no ties, so every max and min has one winner.
-    x = torch.randperm(2 * 5 * 6 * 7).double().reshape(2, 5, 6, 7) / 10
-    return x.to(memory_format=LAYOUTS[layout]).requires_grad_()
+    n = torch.Size(shape).numel()
+    return torch.randperm(n).double().reshape(shape) / 10
+
+
+def _input(case: str) -> torch.Tensor:
+    """The layouts the models make, and the corner cases of the layout test in pooling.py."""
+    if case == "channel-slice":  # channels_last memory, but neither layout is contiguous
+        x = _distinct((2, 9, 6, 7)).to(memory_format=torch.channels_last)[:, 2:7]
+    else:
+        corners = {"batch-1": (1, 5, 6, 7), "one-pixel": (2, 5, 1, 1), "one-channel": (2, 1, 6, 7)}
+        x = _distinct(corners.get(case, (2, 5, 6, 7))).to(memory_format=LAYOUTS.get(case, torch.channels_last))
+    return x.requires_grad_()
 
 
 def _grad(fn, x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
@@ -28,29 +39,30 @@ def _plain_channel_maps(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((x.amax(1, keepdim=True), x.mean(1, keepdim=True)), dim=1)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize(
-    "helper, reference",
-    [
-        (global_mean, lambda x: x.mean((2, 3))),
-        (global_max, lambda x: x.flatten(2).max(2).values),
-        (global_extremes, lambda x: (x.flatten(2).min(2).values, x.flatten(2).max(2).values)),
-        (channel_max_and_mean, _plain_channel_maps),
-    ],
-    ids=["mean", "max", "extremes", "channel-maps"],
-)
-def test_training_values_and_gradients_match_plain_reductions(layout: str, helper, reference) -> None:
-    x = _input(layout)
+HELPERS = {
+    "mean": (global_mean, lambda x: x.mean((2, 3))),
+    "max": (global_max, lambda x: x.flatten(2).max(2).values),
+    "extremes": (global_extremes, lambda x: (x.flatten(2).min(2).values, x.flatten(2).max(2).values)),
+    "channel-maps": (channel_max_and_mean, _plain_channel_maps),
+}
+
+
+@pytest.mark.parametrize("case", [*LAYOUTS, "batch-1", "one-pixel", "one-channel", "channel-slice"])
+@pytest.mark.parametrize("name", HELPERS)
+def test_training_values_and_gradients_match_plain_reductions(case: str, name: str) -> None:
+    helper, reference = HELPERS[name]
+    x = _input(case)
     got, want = helper(x), reference(x)
     got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
     for g, w in zip(got, want):
-        assert torch.allclose(g, w, rtol=1e-12)
+        assert g.shape == w.shape and torch.allclose(g, w, rtol=1e-12)
     weights = [torch.randn(w.shape, dtype=torch.double) for w in want]
     grad = _grad(helper, x, weights)
     assert torch.allclose(grad, _grad(reference, x, weights), rtol=1e-12)
-    # The gradient comes back in x's own layout or as a broadcast view (the mean's), so adding it
-    # to the gate's gradient is a plain stream.
-    assert grad.is_contiguous(memory_format=LAYOUTS[layout]) or 0 in grad.stride()
+    if case in LAYOUTS:
+        # The gradient comes back in x's own layout or as a broadcast view (the mean's), so
+        # adding it to the gate's gradient is a plain stream.
+        assert grad.is_contiguous(memory_format=LAYOUTS[case]) or 0 in grad.stride()
 
 
 def test_extremes_route_gradient_to_the_winning_pixels_only() -> None:
@@ -58,13 +70,31 @@ def test_extremes_route_gradient_to_the_winning_pixels_only() -> None:
     low, high = global_extremes(x)
     (2 * low.sum() + 3 * high.sum()).backward()
     assert (x.grad != 0).sum() == 2 * 2 * 5
-    flat = x.grad.flatten(2)
-    assert torch.equal(flat.gather(2, x.detach().flatten(2).argmin(2, keepdim=True)), torch.full((2, 5, 1), 2.0, dtype=torch.double))
-    assert torch.equal(flat.gather(2, x.detach().flatten(2).argmax(2, keepdim=True)), torch.full((2, 5, 1), 3.0, dtype=torch.double))
+    flat, values = x.grad.flatten(2), x.detach().flatten(2)
+    twos, threes = (torch.full((2, 5, 1), v, dtype=torch.double) for v in (2.0, 3.0))
+    assert torch.equal(flat.gather(2, values.argmin(2, keepdim=True)), twos)
+    assert torch.equal(flat.gather(2, values.argmax(2, keepdim=True)), threes)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_without_autograd_the_direct_reductions_run(layout: str) -> None:
+def test_a_tie_sends_the_whole_gradient_to_one_winner(layout: str) -> None:
+    x = torch.zeros(1, 3, 4, 4, dtype=torch.double).to(memory_format=LAYOUTS[layout])
+    x[:, :, 1, 2] = x[:, :, 3, 0] = 5.0  # two maxima per channel
+    x.requires_grad_()
+    global_max(x).sum().backward()
+    per_channel = x.grad.flatten(2)
+    assert torch.equal(per_channel.sum(2), torch.ones(1, 3, dtype=torch.double))
+    assert torch.equal((per_channel != 0).sum(2), torch.ones(1, 3, dtype=torch.long))
+    assert torch.equal(x.detach().flatten(2).gather(2, per_channel.argmax(2, keepdim=True)),
+                       torch.full((1, 3, 1), 5.0, dtype=torch.double))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_without_autograd_the_plain_reductions_run(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_search(*args, **kwargs):
+        raise AssertionError("the training path ran without autograd")
+
+    monkeypatch.setattr(attnbench.pooling, "_values_at_peaks", no_search)
     x = _input(layout).detach()
     with torch.no_grad():
         low, high = global_extremes(x)
