@@ -7,9 +7,9 @@ queued again, and a run whose worker died resumes from its checkpoint in another
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
-import functools
 import sys
 import time
 import traceback

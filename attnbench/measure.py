@@ -52,6 +52,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from attnbench import registry
+from attnbench.config import preset
 from attnbench.errors import UserError
 from attnbench.models import build_model, count_params
 from attnbench.train import Runtime, Stepper, check_amp, resolve_device
@@ -224,8 +225,10 @@ class _Timer:
         self.device, self.mode, self.batch_size = device, mode, batch_size
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         # The training side is the trainer's own step (Stepper), so this times what trains.
+        recipe = preset("paper")
         self.stepper = Stepper.wrap(copy.deepcopy(model), Runtime(device=device, channels_last=channels_last),
-                                    lr=0.1, momentum=0.9, weight_decay=1e-4, amp=amp or "")
+                                    lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
+                                    amp=amp or "")
         self.model = self.stepper.model
         gen = torch.Generator().manual_seed(0)
         self.x = torch.randn(batch_size, 3, input_size, input_size, generator=gen).to(device, memory_format=fmt)

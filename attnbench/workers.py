@@ -27,7 +27,7 @@ from attnbench.storage import RunStore, open_storage
 from attnbench.train import Runtime
 
 
-MAX_CRASHES = 3  # per slot: a worker that keeps dying at start-up must not be restarted forever
+MAX_CRASHES = 3  # restarts per slot, counted over all slots: a worker that keeps dying must not restart forever
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,6 @@ def test_speed_measures_both_loops(splits: data.Splits, one_thread: None) -> Non
                            on_block=lambda *args: seen.append(args))
     assert len(result.plain) == len(result.harness) == 2 and [b for b, *_ in seen] == [0, 1]
     assert min(result.plain + result.harness) > 0
-    assert result.ratio == pytest.approx(result.harness_median / result.plain_median)
 
 
 def test_speed_command_prints_both_speeds_the_ratio_and_a_load_warning(monkeypatch, capsys) -> None:
