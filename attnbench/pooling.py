@@ -1,92 +1,144 @@
-"""Pooling for attention modules, written so that training stays fast on the CPU.
+"""Pooled gates: x times an attention computed from x's global pooling, fast to train on the CPU.
 
-A gate pools its input and multiplies the input by the result, so the input's gradient is the
-sum of two full-size tensors: one from the multiply and one from the pooling. When the two come
-in different memory layouts, adding them is a strided gather, not a stream: 13 ms instead of 2 ms
-at (128, 64, 32, 32) on a 2-core CPU. For a channels_last input, ``x.mean((2, 3))`` and
-``x.flatten(2).max(2)`` hand back an NCHW gradient, and ``amax`` shares the gradient among ties
-with several full-size passes; the forms below hand it back in the input's own layout. Without
-autograd (evaluation, and measure.py's counter, which therefore costs them like the plain forms)
-they are the plain reductions.
+Every gate module is ``x * attention(pool(x))``: pool over the pixels (a channel gate: SE, SPE,
+CBAM's first half) or over the channels (a spatial gate: CBAM's second half). Written as torch
+ops, its training step makes five or six full passes over x beyond the plain block's (the pooling,
+the product, the product's two gradients, the pooling's gradient and their sum), and on the CPU
+those passes are its whole cost: SE 1.16x, SPE 1.30x, CBAM 1.83x a plain bottleneck block at
+ResNet-164's first stage. gate() makes three when training on the CPU: one pass pools (max and
+min and their positions together, via fused.py), one writes the product, and the backward reads
+dy and x once for the attention's gradient and writes dx once, with the pooling's gradient folded
+in (a constant per row for a mean, one element per row for a max or min).
 
-With ties, a max or min sends its whole gradient to one of the tied elements (as ``max`` along a
-dim does), where ``amax`` would split it. These forms were chosen and timed on the CPU; on CUDA
-they are correct but untimed.
+The attention itself runs as ordinary autograd on the small pooled tensors: its graph is built in
+the forward and differentiated inside the backward, as torch.utils.checkpoint does, so a module
+gives its attention as a plain function. Off the CPU, under torch.compile, without a C compiler,
+or without autograd (evaluation, measure.py's counter) gate() is those torch ops, so both paths
+compute the same values; with ties, the fused max or min gives its gradient to the first tied
+element, where amax shares it out.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Callable, Iterable, Sequence
+
 import torch
 from torch import Tensor
-from torch.nn import functional as F
+from torch.autograd.function import once_differentiable
+
+from attnbench import fused
+
+POOLS = ("mean", "meansq", "max", "min")
+DIMS = {"pixels": (2, 3), "channels": (1,)}
+Scale = Tensor | tuple[Tensor, Tensor]
 
 
-def _training(x: Tensor) -> bool:
-    return torch.is_grad_enabled() and x.requires_grad
+def gate(x: Tensor, pools: Sequence[str], attention: Callable[..., Scale], params: Iterable[Tensor], *,
+         over: str = "pixels") -> Tensor:
+    """x * attention(*pooled), where pooled[i] is pools[i] of x over the pixels, shape (N, C, 1, 1),
+    or over the channels, shape (N, 1, H, W): "mean", "meansq" (the mean of x * x), "max" or "min".
+    The attention returns a scale of that same shape, or a (scale, shift) pair for x * scale +
+    shift. `params` are the tensors the attention uses that need gradients."""
+    if over not in DIMS or not set(pools) <= set(POOLS):
+        raise ValueError(f"gate over {over!r} with pools {pools!r}: use over pixels or channels, pools from {POOLS}")
+    if _fusable(x):
+        return _FusedGate.apply(x, tuple(pools), over, attention, *params)
+    return _apply(x, attention(*(_pool(x, p, DIMS[over]) for p in pools)))
 
 
-def global_mean(x: Tensor) -> Tensor:
-    """Per-channel mean over height and width, shape (N, C). When training, a sum then a divide
-    of the small result: sum's gradient is a broadcast view, mean's a new NCHW tensor."""
-    if _training(x):
-        return x.sum((2, 3)) / (x.shape[2] * x.shape[3])
-    return x.mean((2, 3))
+def _pool(x: Tensor, pool: str, dims: tuple[int, ...]) -> Tensor:
+    if pool == "mean":
+        return x.mean(dims, keepdim=True)
+    if pool == "meansq":  # in float32 at least, also under autocast
+        return torch.linalg.vector_norm(x, 2, dims, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32)
+                                        ).square() / math.prod(x.shape[d] for d in dims)
+    return (x.amax if pool == "max" else x.amin)(dims, keepdim=True)
 
 
-def _channels_last_view(x: Tensor) -> tuple[Tensor, int]:
-    """x as (N, H, W, C) when that is a view of its memory, else x; and the channel dim."""
+def _apply(x: Tensor, scale: Scale) -> Tensor:
+    return torch.addcmul(scale[1], x, scale[0]) if isinstance(scale, tuple) else x * scale
+
+
+def _fusable(x: Tensor) -> bool:
+    return (x.requires_grad and torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.dim() == 4 and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and fused.library() is not None)
+
+
+def _layout(x: Tensor) -> torch.memory_format:
+    """channels_last where x is stored so (and is not also NCHW-contiguous), else NCHW."""
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return x.permute(0, 2, 3, 1), 3
-    return x, 1
+        return torch.channels_last
+    return torch.contiguous_format
 
 
-def _pixels_by_channel(x: Tensor) -> tuple[Tensor, int]:
-    """x as (N, H*W, C) or (N, C, H*W), whichever is a view of its memory, and the pixel dim."""
-    view, channel_dim = _channels_last_view(x)
-    return (view.flatten(1, 2), 1) if channel_dim == 3 else (x.flatten(2), 2)
+def _rows(x: Tensor, layout: torch.memory_format, over: str) -> tuple[Tensor, bool]:
+    """x (contiguous in `layout`) as a (N, M, K) view of its memory, and whether `over` is the
+    last dim: channels_last is (N, H*W, C), NCHW (N, C, H*W)."""
+    if layout == torch.channels_last:
+        return x.permute(0, 2, 3, 1).view(x.shape[0], -1, x.shape[1]), over == "channels"
+    return x.view(x.shape[0], x.shape[1], -1), over == "pixels"
 
 
-def _values_at_peaks(x: Tensor, signs: tuple[int, ...]) -> tuple[Tensor, ...]:
-    """Per-channel values of x where sign * x peaks (sign -1: the min), gathered in one op, so
-    the backward is one scatter into one zero tensor in x's layout. Max pooling over the whole
-    image finds the positions fastest on the CPU; max/min along a dim take 2-3x longer, and each
-    of them would scatter into a zero tensor of its own, amax's backward even compares every
-    element with the result to share the gradient among ties."""
-    pixels, dim = _pixels_by_channel(x)
-    with torch.no_grad():
-        where = torch.cat([F.max_pool2d(x if sign > 0 else x.neg(), x.shape[2:], return_indices=True)[1]
-                           for sign in signs], dim=2).flatten(2)
-    return pixels.gather(dim, where.transpose(1, 2) if dim == 1 else where).unbind(dim)
+class _FusedGate(torch.autograd.Function):
+    """gate() when training on the CPU: one pass for the sums (or the extremes), one for the
+    output; backward one pass for the scale's (and shift's) gradient, one for dx."""
 
+    @staticmethod
+    def forward(ctx, x: Tensor, pools: tuple[str, ...], over: str, attention: Callable[..., Scale],
+                *params: Tensor) -> Tensor:
+        layout = _layout(x)
+        x = x.contiguous(memory_format=layout)
+        rows, over_last = _rows(x, layout, over)
+        shape = (x.shape[0], x.shape[1], 1, 1) if over == "pixels" else (x.shape[0], 1, *x.shape[2:])
+        count = rows.shape[2] if over_last else rows.shape[1]
+        found = {}
+        if "mean" in pools or "meansq" in pools:
+            total, squares = fused.sums(rows, rows, over_last, plain="mean" in pools, products="meansq" in pools)
+            found["mean"], found["meansq"] = ((s / count).float() if s is not None else None for s in (total, squares))
+        if "max" in pools or "min" in pools:
+            found["max"], at_high, found["min"], at_low = fused.extremes(rows, over_last, low="min" in pools)
+            ctx.positions = {"max": at_high, "min": at_low}
+        with torch.enable_grad():
+            leaves = [found[p].view(shape).requires_grad_() for p in pools]
+            scale = attention(*leaves)
+        outputs = scale if isinstance(scale, tuple) else (scale,)
+        ctx.pools, ctx.over, ctx.layout, ctx.count, ctx.params = pools, over, layout, count, params
+        ctx.graph = leaves, outputs
+        ctx.save_for_backward(x)
+        y = torch.empty_like(x)
+        if any(t.shape != shape for t in outputs):
+            raise ValueError(f"a gate's attention returned {[tuple(t.shape) for t in outputs]}; it must return {shape}")
+        fused.scale_rows(rows, over_last, outputs[0], outputs[1] if len(outputs) == 2 else None, _rows(y, layout, over)[0])
+        return y
 
-def global_max(x: Tensor) -> Tensor:
-    """Per-channel max over height and width, shape (N, C)."""
-    if not _training(x):
-        return x.amax((2, 3))
-    (high,) = _values_at_peaks(x, (1,))
-    return high
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        leaves, outputs = ctx.graph
+        del ctx.graph
+        rows, over_last = _rows(x, ctx.layout, ctx.over)
+        dy = dy.contiguous(memory_format=ctx.layout)
+        dy_rows, _ = _rows(dy, ctx.layout, ctx.over)
+        d_shift, d_scale = fused.sums(dy_rows, rows, over_last, plain=len(outputs) == 2)
+        output_grads = [d.float().view(outputs[0].shape) for d in (d_scale, d_shift) if d is not None]
+        wanted = [p for p in ctx.params if p.requires_grad]
+        grads = torch.autograd.grad(outputs, [*leaves, *wanted], output_grads, allow_unused=True)
+        by_pool = dict(zip(ctx.pools, grads[:len(leaves)]))
+        param_grads = iter(grads[len(leaves):])
 
-
-def global_extremes(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel (min, max) over height and width, each (N, C).
-
-    Without autograd, amin and amax: two vectorised passes beat aminmax's one on the CPU, which
-    reduces across the pixel dim element by element (14 ms against 2.8 ms for both at
-    (128, 64, 32, 32) channels_last, 3.7 against 0.4 at (128, 256, 8, 8))."""
-    if not _training(x):
-        return x.amin((2, 3)), x.amax((2, 3))
-    low, high = _values_at_peaks(x, (-1, 1))
-    return low, high
-
-
-def channel_max_and_mean(x: Tensor) -> Tensor:
-    """Per-pixel max and mean over the channels, shape (N, 2, H, W) (CBAM's spatial maps).
-
-    When training, the max is taken along a dim (its backward writes one value per pixel, where
-    amax's compares every element with the result) and the mean is a sum then a divide, and both
-    run on the view in x's layout, so their gradients come back in that layout."""
-    if not _training(x):
-        return torch.cat((x.amax(1, keepdim=True), x.mean(1, keepdim=True)), dim=1)
-    view, dim = _channels_last_view(x)
-    maps = torch.stack((view.max(dim).values, view.sum(dim) / x.shape[1]), dim=dim)
-    return maps if dim == 1 else maps.permute(0, 3, 1, 2)
+        # dx = dy * scale + d_mean / count + x * 2 d_meansq / count, then the max's and min's rows
+        d_mean, d_meansq = by_pool.get("mean"), by_pool.get("meansq")
+        dx = torch.empty_like(dy)
+        dx_rows, _ = _rows(dx, ctx.layout, ctx.over)
+        fused.scale_rows(dy_rows, over_last, outputs[0], None if d_mean is None else d_mean / ctx.count, dx_rows)
+        if d_meansq is not None:
+            dx.addcmul_(x, d_meansq * (2 / ctx.count))
+        dim = 2 if over_last else 1
+        for pool in ("max", "min"):
+            if by_pool.get(pool) is not None:
+                where = ctx.positions[pool].unsqueeze(dim)
+                dx_rows.scatter_add_(dim, where, by_pool[pool].reshape(where.shape))
+        return dx, None, None, None, *(next(param_grads) if p.requires_grad else None for p in ctx.params)

@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor, nn
 
-from attnbench.pooling import channel_max_and_mean, global_max, global_mean
+from attnbench.pooling import gate
 from attnbench.registry import register
 
 
@@ -24,13 +24,18 @@ class CBAMGate(nn.Module):
         nn.init.kaiming_normal_(self.spatial_conv.weight, mode="fan_out")
         nn.init.zeros_(self.spatial_bn.weight)
 
-    def forward(self, x: Tensor) -> Tensor:
-        n, c = x.shape[:2]
+    def channel_attention(self, mean: Tensor, high: Tensor) -> Tensor:
         # One MLP call over both pooled descriptors instead of two.
-        pooled = torch.cat((global_mean(x), global_max(x)))
-        avg_out, max_out = self.mlp(pooled).split(n)
-        x1 = x * (avg_out + max_out).sigmoid_().view(n, c, 1, 1)
-        return x1 * self.spatial_bn(self.spatial_conv(channel_max_and_mean(x1))).sigmoid_()
+        avg_out, max_out = self.mlp(torch.cat((mean, high)).flatten(1)).split(len(mean))
+        return (avg_out + max_out).sigmoid_().view_as(mean)
+
+    def spatial_attention(self, high: Tensor, mean: Tensor) -> Tensor:
+        return self.spatial_bn(self.spatial_conv(torch.cat((high, mean), dim=1))).sigmoid_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1 = gate(x, ["mean", "max"], self.channel_attention, self.mlp.parameters())
+        spatial = [*self.spatial_conv.parameters(), *self.spatial_bn.parameters()]
+        return gate(x1, ["max", "mean"], self.spatial_attention, spatial, over="channels")
 
 
 register("cbam", "CBAM: channel gate (avg+max pooling MLP) then 7x7 spatial gate", gate=CBAMGate)

@@ -1,9 +1,11 @@
 """Instance enhancement batch norm (Liang et al., AAAI 2020): BN whose scale is gated per instance."""
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 
-from attnbench.pooling import global_mean
+from attnbench.pooling import gate
 from attnbench.registry import register
 
 
@@ -12,6 +14,10 @@ class IEBatchNorm2d(nn.BatchNorm2d):
 
     The gate is computed before normalisation, so it sees each image's own channel means, which
     batch statistics average away. w = 0, b = -1 at init: every gate starts at sigmoid(-1) = 0.269.
+
+    The whole layer is x * scale + shift with a scale and shift per image and channel, so it runs
+    as a pooled gate: the batch mean and variance come from the per-image means of x and x * x
+    (one pass over x when training on the CPU), and BatchNorm2d only keeps the running statistics.
     """
 
     def __init__(self, channels: int, *, eps: float = 1e-5, momentum: float = 0.1):
@@ -22,13 +28,33 @@ class IEBatchNorm2d(nn.BatchNorm2d):
         self.gate_weight = nn.Parameter(torch.full(shape, 0.0))
         self.gate_bias = nn.Parameter(torch.full(shape, -1.0))
 
-    def gate(self, x: Tensor) -> Tensor:
-        return (global_mean(x)[:, :, None, None] * self.gate_weight + self.gate_bias).sigmoid()
-
     def forward(self, x: Tensor) -> Tensor:
-        s = self.gate(x)
-        # beta + normalised * (gamma * s) in one pass over the tensor instead of two.
-        return torch.addcmul(self.beta, super().forward(x), self.gamma * s)
+        batch_stats = self.training or not self.track_running_stats
+        pools = ["mean", "meansq"] if batch_stats else ["mean"]
+        per_channel = x.numel() // x.shape[1]
+        return gate(x, pools, partial(self.scale_and_shift, per_channel=per_channel), self.parameters())
+
+    def scale_and_shift(self, mean: Tensor, meansq: Tensor | None = None, *, per_channel: int) -> tuple[Tensor, Tensor]:
+        """From per-image means (N, C, 1, 1): with meansq, normalise by the batch's statistics and
+        update the running ones, else by the running ones."""
+        if meansq is None:
+            batch_mean, batch_var = self.running_mean.view_as(self.gamma), self.running_var.view_as(self.gamma)
+        else:
+            batch_mean = mean.mean(0, keepdim=True)
+            batch_var = (meansq.mean(0, keepdim=True) - batch_mean.square()).clamp_min(0)
+            if self.training and self.track_running_stats:
+                self._track(batch_mean.detach().flatten(), batch_var.detach().flatten(), per_channel)
+        s = torch.sigmoid(mean * self.gate_weight + self.gate_bias)
+        scale = self.gamma * s * torch.rsqrt(batch_var + self.eps)
+        return scale, self.beta - batch_mean * scale
+
+    def _track(self, batch_mean: Tensor, batch_var: Tensor, per_channel: int) -> None:
+        """BatchNorm2d's running averages: the variance unbiased, momentum None a cumulative mean."""
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            factor = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
+            self.running_mean.lerp_(batch_mean, factor)
+            self.running_var.lerp_(batch_var * per_channel / max(per_channel - 1, 1), factor)
 
 
 register("iebn", "instance-enhanced batch norm: replaces each BN, per-image sigmoid gate on its scale", norm=IEBatchNorm2d)

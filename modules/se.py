@@ -2,7 +2,7 @@
 
 from torch import Tensor, nn
 
-from attnbench.pooling import global_mean
+from attnbench.pooling import gate
 from attnbench.registry import register
 
 
@@ -14,9 +14,11 @@ class SEGate(nn.Module):
         self.fc1 = nn.Linear(channels, channels // reduction)
         self.fc2 = nn.Linear(channels // reduction, channels)
 
+    def attention(self, mean: Tensor) -> Tensor:
+        return self.fc2(self.fc1(mean.flatten(1)).relu_()).sigmoid_().view_as(mean)
+
     def forward(self, x: Tensor) -> Tensor:
-        a = self.fc2(self.fc1(global_mean(x)).relu_()).sigmoid_()
-        return x * a[:, :, None, None]
+        return gate(x, ["mean"], self.attention, self.parameters())
 
 
 register("se", "squeeze-and-excitation: channel gate from global average pooling", gate=SEGate, aliases=("senet",))

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from attnbench.pooling import global_extremes
+from attnbench.pooling import gate
 from attnbench.registry import register
 
 
@@ -32,17 +32,16 @@ class SPEGate(nn.Module):
         self.p = nn.Parameter(torch.tensor([p0, p1]))
         self.alpha = alpha
 
-    def attention(self, x: Tensor) -> Tensor:
-        low, high = global_extremes(x)
-        high = self.w2 * high[:, :, None, None] + self.b2
-        low = self.w2 * low[:, :, None, None] + self.b2
+    def attention(self, high: Tensor, low: Tensor) -> Tensor:
+        high = self.w2 * high + self.b2
+        low = self.w2 * low + self.b2
         p_sq = self.p * self.p
         p_hat = p_sq / p_sq.sum()
         mix = self.w1 * (p_hat[0] * high + p_hat[1] * low) + self.b1
         return (high + low).sigmoid() * mix.sigmoid()
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.attention(x)
+        return gate(x, ["max", "min"], self.attention, self.parameters())
 
     def extra_loss(self) -> Tensor:
         return self.alpha * (self.p * self.p).sum()

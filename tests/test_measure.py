@@ -61,11 +61,12 @@ def plain_bn(t: Tally, c: int, hw: int) -> None:
 
 
 def iebn(t: Tally, c: int, hw: int) -> None:
+    """Eval mode folds normalisation, gate and affine into x * scale + shift per channel."""
     t.reduction(c * hw)  # GAP of the raw input
     t.elementwise(3 * c)  # * w, + b, sigmoid
-    t.bn(c, hw, affine=False)
-    t.elementwise(c)  # gamma * s
-    t.elementwise(2 * c * hw)  # * (gamma * s), + beta
+    t.elementwise(4 * c)  # scale = gamma * s * rsqrt(running_var + eps)
+    t.elementwise(2 * c)  # shift = beta - running_mean * scale
+    t.elementwise(2 * c * hw)  # x * scale + shift
 
 
 def no_gate(t: Tally, c: int, hw: int) -> None:

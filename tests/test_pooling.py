@@ -1,26 +1,31 @@
-"""The pooling helpers give the plain reductions' values and gradients, in the input's layout."""
+"""gate(): the fused CPU path gives the torch ops' values and gradients, in the input's layout."""
 
 from __future__ import annotations
 
+import shutil
+import warnings
+
 import pytest
 import torch
+from torch import nn
 
-import attnbench.pooling
-from attnbench.pooling import channel_max_and_mean, global_extremes, global_max, global_mean
+from attnbench import fused, pooling
+from attnbench.pooling import gate
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+needs_kernels = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                   reason="no C compiler: the gates run as torch ops here")
 
 
-def _distinct(shape: tuple[int, ...]) -> torch.Tensor:
-    """A permutation of distinct values: no ties, so every max and min has one winner."""
-    torch.manual_seed(0)
-    n = torch.Size(shape).numel()
-    return torch.randperm(n).double().reshape(shape) / 10
+def _distinct(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """A permutation of distinct float32 values: no ties, so every max and min has one winner."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(torch.Size(shape).numel(), generator=g).float().reshape(shape) / 50 - 3
 
 
 def _input(case: str) -> torch.Tensor:
-    """The layouts the models make, and the corner cases of the layout test in pooling.py."""
-    if case == "channel-slice":  # channels_last memory, but neither layout is contiguous
+    """The layouts the models make, and the corner cases of _layout and _rows."""
+    if case == "channel-slice":  # channels_last memory, but contiguous in neither layout
         x = _distinct((2, 9, 6, 7)).to(memory_format=torch.channels_last)[:, 2:7]
     else:
         corners = {"batch-1": (1, 5, 6, 7), "one-pixel": (2, 5, 1, 1), "one-channel": (2, 1, 6, 7)}
@@ -28,77 +33,130 @@ def _input(case: str) -> torch.Tensor:
     return x.requires_grad_()
 
 
-def _grad(fn, x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-    outputs = fn(x)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    (grad,) = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outputs, weights)), x)
-    return grad
+class Attention(nn.Module):
+    """Every pooled input enters through its own random per-entry weights, so a wrong gradient
+    for any pool or any parameter shows; with `shift`, it returns (scale, shift)."""
+
+    def __init__(self, pools: list[str], shape: tuple[int, ...], shift: bool) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.weights = nn.Parameter(torch.randn(len(pools), *shape[1:], generator=g) / 3)
+        self.bias = nn.Parameter(torch.randn(shape[1:], generator=g))
+        self.shift = shift
+
+    def forward(self, *pooled: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        z = sum(w * p for w, p in zip(self.weights, pooled)) + self.bias
+        return (z.sigmoid(), z.tanh()) if self.shift else z.sigmoid()
 
 
-def _plain_channel_maps(x: torch.Tensor) -> torch.Tensor:
-    return torch.cat((x.amax(1, keepdim=True), x.mean(1, keepdim=True)), dim=1)
+def _run(x: torch.Tensor, pools: list[str], over: str, shift: bool, fused_path: bool, monkeypatch) -> tuple:
+    shape = (x.shape[0], x.shape[1], 1, 1) if over == "pixels" else (x.shape[0], 1, *x.shape[2:])
+    attention = Attention(pools, shape, shift)
+    with monkeypatch.context() as patch:
+        if not fused_path:
+            patch.setattr(pooling, "_fusable", lambda x: False)
+        x = x.detach().requires_grad_()
+        y = gate(x, pools, attention, attention.parameters(), over=over)
+        dy = _distinct(tuple(y.shape), seed=2).contiguous(memory_format=torch.channels_last if x.dim() == 4 else
+                                                          torch.contiguous_format)
+        y.backward(dy)
+    return y.detach(), x.grad, [p.grad for p in attention.parameters()]
 
 
-HELPERS = {
-    "mean": (global_mean, lambda x: x.mean((2, 3))),
-    "max": (global_max, lambda x: x.flatten(2).max(2).values),
-    "extremes": (global_extremes, lambda x: (x.flatten(2).min(2).values, x.flatten(2).max(2).values)),
-    "channel-maps": (channel_max_and_mean, _plain_channel_maps),
-}
+CASES = [(["mean"], "pixels", False), (["max", "min"], "pixels", False), (["mean", "max"], "pixels", False),
+         (["mean", "meansq"], "pixels", True), (["max", "mean"], "channels", False), (["min"], "channels", True)]
 
 
+@needs_kernels
+@pytest.mark.parametrize("pools, over, shift", CASES, ids=lambda v: "+".join(v) if isinstance(v, list) else str(v))
 @pytest.mark.parametrize("case", [*LAYOUTS, "batch-1", "one-pixel", "one-channel", "channel-slice"])
-@pytest.mark.parametrize("name", HELPERS)
-def test_training_values_and_gradients_match_plain_reductions(case: str, name: str) -> None:
-    helper, reference = HELPERS[name]
+def test_fused_gate_matches_torch_ops(pools, over, shift, case, monkeypatch) -> None:
     x = _input(case)
-    got, want = helper(x), reference(x)
-    got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
-    for g, w in zip(got, want):
-        assert g.shape == w.shape and torch.allclose(g, w, rtol=1e-12)
-    weights = [torch.randn(w.shape, dtype=torch.double) for w in want]
-    grad = _grad(helper, x, weights)
-    assert torch.allclose(grad, _grad(reference, x, weights), rtol=1e-12)
-    if case in LAYOUTS:
-        # The gradient comes back in x's own layout or as a broadcast view (the mean's), so
-        # adding it to the gate's gradient is a plain stream.
-        assert grad.is_contiguous(memory_format=LAYOUTS[case]) or 0 in grad.stride()
+    y, dx, dparams = _run(x, pools, over, shift, True, monkeypatch)
+    y_ref, dx_ref, dparams_ref = _run(x, pools, over, shift, False, monkeypatch)
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    assert torch.allclose(dx, dx_ref, atol=1e-4)
+    for got, want in zip(dparams, dparams_ref):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+    if case in LAYOUTS:  # the gradient flows on in the layout the backbone runs
+        assert dx.is_contiguous(memory_format=LAYOUTS[case])
 
 
-def test_extremes_route_gradient_to_the_winning_pixels_only() -> None:
+@needs_kernels
+def test_training_on_the_cpu_takes_the_fused_path(monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(pooling._FusedGate, "apply", lambda *a: calls.append(a) or a[0] * 1)
     x = _input("channels_last")
-    low, high = global_extremes(x)
-    (2 * low.sum() + 3 * high.sum()).backward()
-    assert (x.grad != 0).sum() == 2 * 2 * 5
-    flat, values = x.grad.flatten(2), x.detach().flatten(2)
-    twos, threes = (torch.full((2, 5, 1), v, dtype=torch.double) for v in (2.0, 3.0))
-    assert torch.equal(flat.gather(2, values.argmin(2, keepdim=True)), twos)
-    assert torch.equal(flat.gather(2, values.argmax(2, keepdim=True)), threes)
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_a_tie_sends_the_whole_gradient_to_one_winner(layout: str) -> None:
-    x = torch.zeros(1, 3, 4, 4, dtype=torch.double).to(memory_format=LAYOUTS[layout])
-    x[:, :, 1, 2] = x[:, :, 3, 0] = 5.0  # two maxima per channel
-    x.requires_grad_()
-    global_max(x).sum().backward()
-    per_channel = x.grad.flatten(2)
-    assert torch.equal(per_channel.sum(2), torch.ones(1, 3, dtype=torch.double))
-    assert torch.equal((per_channel != 0).sum(2), torch.ones(1, 3, dtype=torch.long))
-    assert torch.equal(x.detach().flatten(2).gather(2, per_channel.argmax(2, keepdim=True)),
-                       torch.full((1, 3, 1), 5.0, dtype=torch.double))
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_without_autograd_the_plain_reductions_run(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_search(*args, **kwargs):
-        raise AssertionError("the training path ran without autograd")
-
-    monkeypatch.setattr(attnbench.pooling, "_values_at_peaks", no_search)
-    x = _input(layout).detach()
+    gate(x, ["mean"], lambda m: m.sigmoid(), [])
     with torch.no_grad():
-        low, high = global_extremes(x)
-        assert torch.equal(low, x.amin((2, 3))) and torch.equal(high, x.amax((2, 3)))
-        assert torch.equal(global_max(x), x.amax((2, 3)))
-        assert torch.equal(global_mean(x), x.mean((2, 3)))
-        assert torch.equal(channel_max_and_mean(x), _plain_channel_maps(x))
+        gate(x, ["mean"], lambda m: m.sigmoid(), [])
+    gate(x.detach(), ["mean"], lambda m: m.sigmoid(), [])
+    assert len(calls) == 1
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_tie_sends_the_whole_gradient_to_its_first_element(layout: str) -> None:
+    x = torch.zeros(1, 3, 4, 4).to(memory_format=LAYOUTS[layout])
+    x[:, :, 1, 2] = x[:, :, 3, 0] = 5.0  # two maxima per channel, (1, 2) first in row-major order
+    x.requires_grad_()
+    gate(x, ["max"], lambda high: high, []).sum().backward()
+    # d/dx of x * max(x) summed: max(x) everywhere, plus sum(x) = 10 at the one winning pixel
+    expected = torch.full((1, 3, 4, 4), 5.0)
+    expected[:, :, 1, 2] += 10.0
+    assert torch.equal(x.grad, expected)
+
+
+def test_attention_of_the_wrong_shape_is_an_error() -> None:
+    x = _input("channels_last")
+    with pytest.raises(ValueError, match=r"must return \(2, 5, 1, 1\)"):
+        gate(x, ["mean"], lambda m: m.flatten(1), [])
+    with pytest.raises(ValueError, match="pools from"):
+        gate(x, ["median"], lambda m: m, [])
+
+
+@pytest.mark.parametrize("over_last", [False, True])
+def test_kernels_agree_with_torch(over_last: bool) -> None:
+    if fused.library() is None:
+        pytest.skip("no C compiler")
+    a, b = _distinct((3, 40, 17)), _distinct((3, 40, 17), seed=1)
+    dim = 2 if over_last else 1
+    total, products = fused.sums(a, b, over_last)
+    assert torch.allclose(total, a.double().sum(dim)) and torch.allclose(products, (a.double() * b).sum(dim))
+    high, at_high, low, at_low = fused.extremes(a, over_last, low=True)
+    assert torch.equal(high, a.amax(dim)) and torch.equal(at_high, a.argmax(dim))
+    assert torch.equal(low, a.amin(dim)) and torch.equal(at_low, a.argmin(dim))
+    scale, shift = (_distinct(tuple(high.shape), seed=s) for s in (3, 4))
+    out = torch.empty_like(a)
+    fused.scale_rows(a, over_last, scale, shift, out)
+    assert torch.allclose(out, a * scale.unsqueeze(dim) + shift.unsqueeze(dim), atol=1e-5)
+
+
+def test_without_a_compiler_gates_fall_back_with_one_warning(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    fused.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="gates use torch ops"):
+            assert fused.library() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert fused.library() is None  # cached: warned once
+            x = _input("channels_last")
+            y = gate(x, ["max", "min"], lambda high, low: (high - low).sigmoid(), [])
+        assert torch.allclose(y, x * (x.amax((2, 3), keepdim=True) - x.amin((2, 3), keepdim=True)).sigmoid())
+        assert not list(tmp_path.glob("attnbench/*"))  # nothing half-written
+    finally:
+        fused.library.cache_clear()
+
+
+@needs_kernels
+def test_library_is_built_once_into_the_cache(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    fused.library.cache_clear()
+    try:
+        assert fused.library() is not None
+        (built,) = (tmp_path / "attnbench").iterdir()
+        assert built.name.startswith("kernels-") and built.suffix == ".so"
+    finally:
+        fused.library.cache_clear()
