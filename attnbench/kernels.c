@@ -1,7 +1,7 @@
-/* One-pass reductions that eager PyTorch on the CPU can only do in two or three passes.
+/* The passes over a gate's input that eager PyTorch on the CPU can only make as two or three.
 
    Every function reads a contiguous float32 array as (n, m, k) and reduces either the middle dim
-   (results per (n, k)) or the last dim (results per (n, m)). A channels_last activation is
+   (results per (n, k)) or the last dim (results per (n, m)), or broadcasts along one of them. A channels_last activation is
    (N, H*W, C) and an NCHW one (N, C, H*W), so pooling over pixels or over channels is one of the
    two in either layout. attnbench/fused.py compiles this file and calls it through ctypes.
 
@@ -33,67 +33,77 @@ void sums(const float *a, const float *b, int64_t n, int64_t m, int64_t k, int o
         return;
     }
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t i = 0; i < n; i++) {
+    for (int64_t i = 0; i < n; i++) {  /* over the middle dim: row after row, a running sum per column */
         double *sa = sum_a ? sum_a + i * k : NULL, *sab = sum_ab ? sum_ab + i * k : NULL;
         for (int64_t j = 0; j < k; j++) {
             if (sa) sa[j] = 0.0;
             if (sab) sab[j] = 0.0;
         }
         for (int64_t row = 0; row < m; row++) {
-            const float *x = a + (i * m + row) * k;
-            if (sa && sab) {
-                const float *y = b + (i * m + row) * k;
-                #pragma omp simd
-                for (int64_t j = 0; j < k; j++) {
-                    sa[j] += x[j];
-                    sab[j] += (double)x[j] * y[j];
-                }
-            } else if (sab) {
-                const float *y = b + (i * m + row) * k;
-                #pragma omp simd
-                for (int64_t j = 0; j < k; j++) sab[j] += (double)x[j] * y[j];
-            } else {
+            const float *x = a + (i * m + row) * k, *y = b ? b + (i * m + row) * k : NULL;
+            if (sa) {
                 #pragma omp simd
                 for (int64_t j = 0; j < k; j++) sa[j] += x[j];
+            }
+            if (sab) {
+                #pragma omp simd
+                for (int64_t j = 0; j < k; j++) sab[j] += (double)x[j] * y[j];
             }
         }
     }
 }
 
+/* Index of the first element of x[0..k) equal to v (0 if none: v is a NaN). */
+static int64_t first_equal(const float *x, int32_t k, float v) {
+    int32_t at = k;  /* 32-bit: AVX2 has no 64-bit integer min */
+    #pragma omp simd reduction(min : at)
+    for (int32_t j = 0; j < k; j++) at = x[j] == v && j < at ? j : at;
+    return at < k ? at : 0;
+}
+
 /* Largest and (if low is not NULL) smallest value over the reduced dim, with the index of its
-   first occurrence along that dim. NaNs are skipped (torch would propagate them). */
+   first occurrence along that dim, and (if total is not NULL) the sum in the same read. NaNs are
+   skipped (torch would propagate them). */
 void extremes(const float *a, int64_t n, int64_t m, int64_t k, int over_last, float *high, int64_t *at_high,
-              float *low, int64_t *at_low, int threads) {
-    if (over_last) {  /* the value first, vectorised, then its first position in the row (in L1) */
+              float *low, int64_t *at_low, double *total, int threads) {
+    if (over_last) {  /* each value, then its first position, by vectorised loops over the row (in L1) */
         #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t r = 0; r < n * m; r++) {
             const float *x = a + r * k;
             float hi = x[0], lo = x[0];
             #pragma omp simd reduction(max : hi)
             for (int64_t j = 0; j < k; j++) hi = x[j] > hi ? x[j] : hi;
-            int64_t j = 0;
-            while (j < k - 1 && !(x[j] == hi)) j++;
             high[r] = hi;
-            at_high[r] = j;
+            at_high[r] = first_equal(x, k, hi);
             if (low) {
                 #pragma omp simd reduction(min : lo)
-                for (int64_t i = 0; i < k; i++) lo = x[i] < lo ? x[i] : lo;
-                for (j = 0; j < k - 1 && !(x[j] == lo); j++) {}
+                for (int64_t j = 0; j < k; j++) lo = x[j] < lo ? x[j] : lo;
                 low[r] = lo;
-                at_low[r] = j;
+                at_low[r] = first_equal(x, k, lo);
+            }
+            if (total) {
+                double sum = 0.0;
+                #pragma omp simd reduction(+ : sum)
+                for (int64_t j = 0; j < k; j++) sum += x[j];
+                total[r] = sum;
             }
         }
         return;
     }
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        float *hi = high + i * k, *lo = low ? low + i * k : NULL;
-        int64_t *ih = at_high + i * k, *il = low ? at_low + i * k : NULL;
+    for (int64_t i = 0; i < n; i++) {  /* over the middle dim: row after row, running values per column */
         const float *x = a + i * m * k;
-        int32_t *best = malloc(2 * k * sizeof(int32_t));  /* 32-bit indices keep the loop vectorised */
-        for (int64_t j = 0; j < k; j++) { hi[j] = x[j]; best[j] = 0; }
-        if (lo) for (int64_t j = 0; j < k; j++) { lo[j] = x[j]; best[k + j] = 0; }
-        for (int32_t row = 1; row < m; row++) {
+        float *hi = high + i * k, *lo = low ? low + i * k : NULL;
+        double *sum = total ? total + i * k : NULL;
+        int32_t *best = malloc(2 * k * sizeof(int32_t));  /* 32-bit, like the floats, keeps the blends vectorised */
+        if (!best) abort();
+        for (int64_t j = 0; j < k; j++) {
+            hi[j] = x[j];
+            best[j] = best[k + j] = 0;
+            if (lo) lo[j] = x[j];
+            if (sum) sum[j] = 0.0;
+        }
+        for (int32_t row = 0; row < m; row++) {
             const float *y = x + row * k;
             #pragma omp simd
             for (int64_t j = 0; j < k; j++) {
@@ -109,18 +119,27 @@ void extremes(const float *a, int64_t n, int64_t m, int64_t k, int over_last, fl
                     best[k + j] = down ? row : best[k + j];
                 }
             }
+            if (sum) {
+                #pragma omp simd
+                for (int64_t j = 0; j < k; j++) sum[j] += y[j];
+            }
         }
-        for (int64_t j = 0; j < k; j++) ih[j] = best[j];
-        if (lo) for (int64_t j = 0; j < k; j++) il[j] = best[k + j];
+        for (int64_t j = 0; j < k; j++) {
+            at_high[i * k + j] = best[j];
+            if (lo) at_low[i * k + j] = best[k + j];
+        }
         free(best);
     }
 }
 
 /* out = a * scale + shift, with scale and shift (shift may be NULL) given per (n, k) when
-   broadcast over the middle dim and per (n, m) when broadcast over the last: a gate's output and
-   its input gradient. torch's addcmul runs 1.8x longer when the broadcast dim is the last. */
+   broadcast over the middle dim and per (n, m) when broadcast over the last, then plus add[i][r]
+   at position at[i][r] of the reduced dim for each of the `peaks` (index, value) arrays: a gate's
+   output, and its input gradient with the max's and min's gradients. torch's addcmul runs 1.8x
+   longer when the broadcast dim is the last, and its scatter_add 1 ms per 131k values. */
 void scale_rows(const float *a, int64_t n, int64_t m, int64_t k, int over_last, const float *scale,
-                const float *shift, float *out, int threads) {
+                const float *shift, int peaks, const int64_t *const *at, const float *const *add, float *out,
+                int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < n * m; r++) {
         const float *x = a + r * k;
@@ -129,6 +148,7 @@ void scale_rows(const float *a, int64_t n, int64_t m, int64_t k, int over_last, 
             float s = scale[r], t = shift ? shift[r] : 0.0f;
             #pragma omp simd
             for (int64_t j = 0; j < k; j++) y[j] = x[j] * s + t;
+            for (int p = 0; p < peaks; p++) y[at[p][r]] += add[p][r];
         } else {
             const float *s = scale + (r / m) * k, *t = shift ? shift + (r / m) * k : NULL;
             if (t) {
@@ -140,4 +160,9 @@ void scale_rows(const float *a, int64_t n, int64_t m, int64_t k, int over_last, 
             }
         }
     }
+    if (over_last || peaks == 0) return;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; i++)  /* each image's rows were written above; its peaks go on top */
+        for (int p = 0; p < peaks; p++)
+            for (int64_t j = 0; j < k; j++) out[(i * m + at[p][i * k + j]) * k + j] += add[p][i * k + j];
 }

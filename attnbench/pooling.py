@@ -1,21 +1,21 @@
 """Pooled gates: x times an attention computed from x's global pooling, fast to train on the CPU.
 
 Every gate module is ``x * attention(pool(x))``: pool over the pixels (a channel gate: SE, SPE,
-CBAM's first half) or over the channels (a spatial gate: CBAM's second half). Written as torch
-ops, its training step makes five or six full passes over x beyond the plain block's (the pooling,
+CBAM's first half) or over the channels (a spatial gate: CBAM's second half); IEBN is
+``x * scale + shift`` with both from per-image means of x and x * x. Written as torch ops, a
+gate's training step makes five or six full passes over x beyond the plain block's (the pooling,
 the product, the product's two gradients, the pooling's gradient and their sum), and on the CPU
-those passes are its whole cost: SE 1.16x, SPE 1.30x, CBAM 1.83x a plain bottleneck block at
-ResNet-164's first stage. gate() makes three when training on the CPU: one pass pools (max and
-min and their positions together, via fused.py), one writes the product, and the backward reads
-dy and x once for the attention's gradient and writes dx once, with the pooling's gradient folded
-in (a constant per row for a mean, one element per row for a max or min).
+those passes are its whole cost. gate() makes four when training on the CPU: one read pools (max,
+min, their positions and the sum together, via fused.py), one write gives the output, and the
+backward reads dy and x once for the attention's gradient and writes dx once, with the pooling's
+gradient folded in (a constant per row for a mean, one element per row for a max or min).
 
 The attention itself runs as ordinary autograd on the small pooled tensors: its graph is built in
 the forward and differentiated inside the backward, as torch.utils.checkpoint does, so a module
-gives its attention as a plain function. Off the CPU, under torch.compile, without a C compiler,
-or without autograd (evaluation, measure.py's counter) gate() is those torch ops, so both paths
-compute the same values; with ties, the fused max or min gives its gradient to the first tied
-element, where amax shares it out.
+gives its attention as a plain function (double backward is not supported). Off the CPU, under
+torch.compile or tracing, without a C compiler, or without autograd (evaluation, measure.py's
+counter) gate() is those torch ops, so both paths compute the same values; with ties, the fused
+max or min gives its gradient to the first tied element, where amax shares it out.
 """
 
 from __future__ import annotations
@@ -93,13 +93,18 @@ class _FusedGate(torch.autograd.Function):
         rows, over_last = _rows(x, layout, over)
         shape = (x.shape[0], x.shape[1], 1, 1) if over == "pixels" else (x.shape[0], 1, *x.shape[2:])
         count = rows.shape[2] if over_last else rows.shape[1]
-        found = {}
-        if "mean" in pools or "meansq" in pools:
-            total, squares = fused.sums(rows, rows, over_last, plain="mean" in pools, products="meansq" in pools)
-            found["mean"], found["meansq"] = ((s / count).float() if s is not None else None for s in (total, squares))
-        if "max" in pools or "min" in pools:
-            found["max"], at_high, found["min"], at_low = fused.extremes(rows, over_last, low="min" in pools)
+        found, total, squares = {}, None, None
+        if "max" in pools or "min" in pools:  # with the sum in the same read when a mean is wanted
+            found["max"], at_high, found["min"], at_low, total = fused.extremes(
+                rows, over_last, low="min" in pools, total="mean" in pools)
             ctx.positions = {"max": at_high, "min": at_low}
+        if "meansq" in pools or ("mean" in pools and total is None):
+            plain, squares = fused.sums(rows, rows, over_last, plain=total is None and "mean" in pools,
+                                        products="meansq" in pools)
+            total = plain if total is None else total
+        for pool, sums in (("mean", total), ("meansq", squares)):
+            if pool in pools:
+                found[pool] = (sums / count).float()
         with torch.enable_grad():
             leaves = [found[p].view(shape).requires_grad_() for p in pools]
             scale = attention(*leaves)
@@ -129,16 +134,12 @@ class _FusedGate(torch.autograd.Function):
         by_pool = dict(zip(ctx.pools, grads[:len(leaves)]))
         param_grads = iter(grads[len(leaves):])
 
-        # dx = dy * scale + d_mean / count + x * 2 d_meansq / count, then the max's and min's rows
+        # dx = dy * scale + d_mean / count (+ x * 2 d_meansq / count), the max's and min's rows on top
         d_mean, d_meansq = by_pool.get("mean"), by_pool.get("meansq")
+        peaks = [(ctx.positions[p], by_pool[p]) for p in ("max", "min") if by_pool.get(p) is not None]
         dx = torch.empty_like(dy)
-        dx_rows, _ = _rows(dx, ctx.layout, ctx.over)
-        fused.scale_rows(dy_rows, over_last, outputs[0], None if d_mean is None else d_mean / ctx.count, dx_rows)
+        fused.scale_rows(dy_rows, over_last, outputs[0], None if d_mean is None else d_mean / ctx.count,
+                         _rows(dx, ctx.layout, ctx.over)[0], peaks)
         if d_meansq is not None:
             dx.addcmul_(x, d_meansq * (2 / ctx.count))
-        dim = 2 if over_last else 1
-        for pool in ("max", "min"):
-            if by_pool.get(pool) is not None:
-                where = ctx.positions[pool].unsqueeze(dim)
-                dx_rows.scatter_add_(dim, where, by_pool[pool].reshape(where.shape))
         return dx, None, None, None, *(next(param_grads) if p.requires_grad else None for p in ctx.params)

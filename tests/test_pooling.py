@@ -123,13 +123,17 @@ def test_kernels_agree_with_torch(over_last: bool) -> None:
     dim = 2 if over_last else 1
     total, products = fused.sums(a, b, over_last)
     assert torch.allclose(total, a.double().sum(dim)) and torch.allclose(products, (a.double() * b).sum(dim))
-    high, at_high, low, at_low = fused.extremes(a, over_last, low=True)
+    high, at_high, low, at_low, total_too = fused.extremes(a, over_last, low=True, total=True)
+    assert torch.allclose(total_too, a.double().sum(dim))
     assert torch.equal(high, a.amax(dim)) and torch.equal(at_high, a.argmax(dim))
     assert torch.equal(low, a.amin(dim)) and torch.equal(at_low, a.argmin(dim))
-    scale, shift = (_distinct(tuple(high.shape), seed=s) for s in (3, 4))
+    scale, shift, bump = (_distinct(tuple(high.shape), seed=s) for s in (3, 4, 5))
     out = torch.empty_like(a)
-    fused.scale_rows(a, over_last, scale, shift, out)
-    assert torch.allclose(out, a * scale.unsqueeze(dim) + shift.unsqueeze(dim), atol=1e-5)
+    fused.scale_rows(a, over_last, scale, shift, out, [(at_high, bump), (at_low, 2 * bump)])
+    expected = a * scale.unsqueeze(dim) + shift.unsqueeze(dim)
+    expected.scatter_add_(dim, at_high.unsqueeze(dim), bump.unsqueeze(dim))
+    expected.scatter_add_(dim, at_low.unsqueeze(dim), 2 * bump.unsqueeze(dim))
+    assert torch.allclose(out, expected, atol=1e-5)
 
 
 def test_without_a_compiler_gates_fall_back_with_one_warning(monkeypatch, tmp_path) -> None:
