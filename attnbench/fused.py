@@ -3,10 +3,10 @@
 Why C: eager PyTorch has no op that sums a product without writing the product out first, and
 none that finds a max and a min with their positions in one read. On a 2-core CPU, where a
 gate's cost is its passes over memory, those extra passes made a first-stage ResNet-164 block
-with a gate cost 1.16x (SE) to 1.83x (CBAM) a plain one. The file is plain C (no torch headers), so it builds with the system C compiler in well
-under a second, and the library goes to the user's cache under a name that hashes the source,
-the compiler and its flags. Without a C compiler, or off the CPU, callers use torch ops instead
-(library() returns None and warns once).
+with a gate cost 1.16x (SE) to 1.83x (CBAM) a plain one. The file is plain C (no torch headers),
+so it builds with the system C compiler in well under a second, and the library goes to the
+user's cache under a name that hashes the source, the compiler and its flags. Without a C
+compiler, or off the CPU, callers use torch ops instead (library() returns None and warns once).
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import ctypes
 import functools
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
+import threading
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -34,38 +36,62 @@ ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "
 
 
 def cache_dir() -> Path:
+    """Where the built library is kept: per user, like any compiler cache."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "attnbench"
+
+
+_BUILD_LOCK = threading.Lock()  # one build per process, however many threads ask first
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None (with one warning) where they cannot be built here.
+    """The compiled kernels, or None (with one warning) where they cannot be built or loaded here.
     ATTNBENCH_KERNELS=0 turns them off, e.g. to time the torch-only path."""
     if os.environ.get("ATTNBENCH_KERNELS", "1") == "0":
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    flags = ["-O3", "-fopenmp", "-shared", "-fPIC", *ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
-    if compiler is None:
+    compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
+    if not compiler[0]:
         return _fall_back("no C compiler found (install gcc, or set CC)")
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *flags]).encode()).hexdigest()[:16]
-    path = cache_dir() / f"kernels-{key}.so"
-    if not path.exists():
-        def build(tmp: Path) -> None:
-            subprocess.run([compiler, *flags, "-o", str(tmp), str(SOURCE)], check=True, capture_output=True, text=True)
-        try:
-            write_atomic(path, build)
-        except subprocess.CalledProcessError as exc:
-            return _fall_back(f"{compiler} failed: {exc.stderr.strip().splitlines()[-1] if exc.stderr.strip() else exc}")
-        except OSError as exc:
-            return _fall_back(f"cannot write {path} ({exc})")
-    try:  # -fopenmp links libgomp.so.1, which resolves to the copy torch loaded: one thread pool
+    flags = ["-O3", "-fopenmp", "-shared", "-fPIC", *ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *compiler, *flags]).encode()).hexdigest()[:16]
+    try:
+        folder = cache_dir()
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: no home folder to be found
+        return _fall_back(f"no cache folder ({exc})")
+    path = folder / f"kernels-{key}.so"
+    with _BUILD_LOCK:
+        if not path.exists():
+            try:
+                write_atomic(path, lambda tmp: subprocess.run([*compiler, *flags, "-o", str(tmp), str(SOURCE)], check=True,
+                                                              capture_output=True, text=True, timeout=300))
+            except subprocess.CalledProcessError as exc:
+                last = exc.stderr.strip().splitlines()[-1] if exc.stderr.strip() else f"exit code {exc.returncode}"
+                return _fall_back(f"{' '.join(compiler)} failed: {last}")
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                return _fall_back(f"cannot build {path} with {' '.join(compiler)} ({exc})")
+    # Loading runs the library's code: only a file this user owns in a folder no one else can
+    # write to, so that nobody else can have planted it.
+    if any(p.stat().st_uid != os.getuid() or p.stat().st_mode & 0o022 for p in (folder, path)):
+        return _fall_back(f"{path} or its folder is not this user's alone; make it so (chmod go-w) to use the kernels")
+    # -fopenmp links libgomp.so.1. Where torch's own copy has that name (torch 2.14's wheels), it
+    # resolves to that copy, so kernels and torch share one thread pool; wheels that ship a
+    # renamed libgomp get the system's as a second pool, which works but may oversubscribe.
+    try:
         lib = ctypes.CDLL(str(path))
-    except OSError as exc:
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.sums.argtypes = [p, p, i64, i64, i64, i32, p, p, i32]
+        lib.extremes.argtypes = [p, i64, i64, i64, i32, p, p, p, p, p, i32]
+        lib.scale_rows.argtypes = [p, i64, i64, i64, i32, p, p, i32, p, p, p, i32]
+    except (OSError, AttributeError) as exc:
         return _fall_back(f"cannot load {path} ({exc}); delete it to rebuild")
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.sums.argtypes = [p, p, i64, i64, i64, i32, p, p, i32]
-    lib.extremes.argtypes = [p, i64, i64, i64, i32, p, p, p, p, p, i32]
-    lib.scale_rows.argtypes = [p, i64, i64, i64, i32, p, p, i32, p, p, p, i32]
+    return lib
+
+
+def _library() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the CPU gate kernels are not available here (see the warning above); use the torch ops")
     return lib
 
 
@@ -79,19 +105,28 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _shape(a: Tensor, over_last: bool) -> tuple[int, int, int, list[int]]:
+def _kept_shape(a: Tensor, over_last: bool) -> tuple[int, int, int, list[int]]:
+    """n, m, k of a kernel's (n, m, k) input and the shape of its per-row results; checks what the
+    C code relies on, since a wrong pointer there is a crash, not an exception."""
+    if a.dtype != torch.float32 or a.dim() != 3 or not a.is_contiguous() or a.device.type != "cpu":
+        raise ValueError(f"the CPU kernels take a contiguous float32 (n, m, k) CPU tensor, got {a.dtype} {tuple(a.shape)}")
     n, m, k = a.shape
+    if max(m, k) >= 2**31 or min(n, m, k) < 1:
+        raise ValueError(f"the CPU kernels take 1 <= m, k < 2**31, got {tuple(a.shape)}")
     return n, m, k, [n, m] if over_last else [n, k]
 
 
-def sums(a: Tensor, b: Tensor | None, over_last: bool, *, plain: bool = True, products: bool = True) -> tuple[Tensor | None, Tensor | None]:
-    """Sums of a and of a * b over the middle (or last) dim of two contiguous float32 (n, m, k)
-    tensors, in float64: (sum a, sum a*b), each None unless asked for by `plain` / `products`."""
-    n, m, k, out = _shape(a, over_last)
+def sums(a: Tensor, b: Tensor | None, over_last: bool, *, plain: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    """Over the middle (or last) dim of contiguous float32 (n, m, k) tensors, in float64 and one
+    read: the sum of a (if `plain`) and the sum of a * b (if b is given)."""
+    n, m, k, out = _kept_shape(a, over_last)
+    if b is not None and b.shape != a.shape:
+        raise ValueError(f"sums of a product need two tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if b is not None:
+        _kept_shape(b, over_last)
     sum_a = torch.empty(out, dtype=torch.float64) if plain else None
-    sum_ab = torch.empty(out, dtype=torch.float64) if products else None
-    library().sums(a.data_ptr(), _ptr(b if products else None), n, m, k, over_last, _ptr(sum_a), _ptr(sum_ab),
-                   torch.get_num_threads())
+    sum_ab = torch.empty(out, dtype=torch.float64) if b is not None else None
+    _library().sums(a.data_ptr(), _ptr(b), n, m, k, over_last, _ptr(sum_a), _ptr(sum_ab), torch.get_num_threads())
     return sum_a, sum_ab
 
 
@@ -99,11 +134,11 @@ def extremes(a: Tensor, over_last: bool, *, low: bool, total: bool = False) -> t
     """Max over the middle (or last) dim of a contiguous float32 (n, m, k) tensor with the index
     of its first occurrence, the same for the min if `low`, and the float64 sum if `total`, all
     in one read: (max, at_max, min, at_min, sum)."""
-    n, m, k, out = _shape(a, over_last)
+    n, m, k, out = _kept_shape(a, over_last)
     high, at_high = torch.empty(out), torch.empty(out, dtype=torch.long)
     lo, at_low = (torch.empty(out), torch.empty(out, dtype=torch.long)) if low else (None, None)
     sum_a = torch.empty(out, dtype=torch.float64) if total else None
-    library().extremes(a.data_ptr(), n, m, k, over_last, high.data_ptr(), at_high.data_ptr(), _ptr(lo), _ptr(at_low),
+    _library().extremes(a.data_ptr(), n, m, k, over_last, high.data_ptr(), at_high.data_ptr(), _ptr(lo), _ptr(at_low),
                        _ptr(sum_a), torch.get_num_threads())
     return high, at_high, lo, at_low, sum_a
 
@@ -112,12 +147,18 @@ def scale_rows(a: Tensor, over_last: bool, scale: Tensor, shift: Tensor | None, 
                peaks: Sequence[tuple[Tensor, Tensor]] = ()) -> None:
     """out = a * scale + shift for contiguous float32 (n, m, k) tensors a and out, with scale and
     shift holding one value per (n, k) (broadcast over the middle dim) or per (n, m) (over the
-    last); then for each (positions, values) of `peaks`, laid out like scale, values[r] is added
-    at index positions[r] of the broadcast dim."""
-    n, m, k, kept = _shape(a, over_last)
+    last); then for each (positions, values) of `peaks`, laid out like scale (the positions from
+    extremes()), values[r] is added at index positions[r] of the broadcast dim."""
+    n, m, k, kept = _kept_shape(a, over_last)
+    _kept_shape(out, over_last)
+    if out.shape != a.shape:
+        raise ValueError(f"scale_rows writes a tensor of its input's shape {tuple(a.shape)}, got {tuple(out.shape)}")
     scale, shift = (None if t is None else t.detach().float().reshape(kept).contiguous() for t in (scale, shift))
     peaks = [(at.reshape(kept).contiguous(), v.detach().float().reshape(kept).contiguous()) for at, v in peaks]
+    width = k if over_last else m
+    if any(at.dtype != torch.long or int(at.min()) < 0 or int(at.max()) >= width for at, _ in peaks):
+        raise ValueError(f"peak positions must be int64 in [0, {width})")
     at = (ctypes.c_void_p * len(peaks))(*(p.data_ptr() for p, _ in peaks))
     add = (ctypes.c_void_p * len(peaks))(*(v.data_ptr() for _, v in peaks))
-    library().scale_rows(a.data_ptr(), n, m, k, over_last, scale.data_ptr(), _ptr(shift), len(peaks), at, add,
-                         out.data_ptr(), torch.get_num_threads())
+    _library().scale_rows(a.data_ptr(), n, m, k, over_last, scale.data_ptr(), _ptr(shift), len(peaks), at, add,
+                          out.data_ptr(), torch.get_num_threads())

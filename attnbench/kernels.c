@@ -62,8 +62,9 @@ static int64_t first_equal(const float *x, int32_t k, float v) {
 }
 
 /* Largest and (if low is not NULL) smallest value over the reduced dim, with the index of its
-   first occurrence along that dim, and (if total is not NULL) the sum in the same read. NaNs are
-   skipped (torch would propagate them). */
+   first occurrence along that dim, and (if total is not NULL) the sum in the same read. Where a
+   NaN is among the values, which value is reported is unspecified (torch reports the NaN); the
+   gate's output is NaN either way, since the NaN is multiplied through. */
 void extremes(const float *a, int64_t n, int64_t m, int64_t k, int over_last, float *high, int64_t *at_high,
               float *low, int64_t *at_low, double *total, int threads) {
     if (over_last) {  /* each value, then its first position, by vectorised loops over the row (in L1) */

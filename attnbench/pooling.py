@@ -2,7 +2,7 @@
 
 Every gate module is ``x * attention(pool(x))``: pool over the pixels (a channel gate: SE, SPE,
 CBAM's first half) or over the channels (a spatial gate: CBAM's second half); IEBN is
-``x * scale + shift`` with both from per-image means of x and x * x. Written as torch ops, a
+``x * scale + shift`` with both from each image's mean and variance. Written as torch ops, a
 gate's training step makes five or six full passes over x beyond the plain block's (the pooling,
 the product, the product's two gradients, the pooling's gradient and their sum), and on the CPU
 those passes are its whole cost. gate() makes four when training on the CPU: one read pools (max,
@@ -14,13 +14,13 @@ The attention itself runs as ordinary autograd on the small pooled tensors: its 
 the forward and differentiated inside the backward, as torch.utils.checkpoint does, so a module
 gives its attention as a plain function (double backward is not supported). Off the CPU, under
 torch.compile or tracing, without a C compiler, or without autograd (evaluation, measure.py's
-counter) gate() is those torch ops, so both paths compute the same values; with ties, the fused
-max or min gives its gradient to the first tied element, where amax shares it out.
+counter) gate() is those torch ops, so both paths compute the same values for finite inputs;
+with ties, the fused max or min gives its gradient to the first tied element, where amax shares
+it out.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -29,7 +29,7 @@ from torch.autograd.function import once_differentiable
 
 from attnbench import fused
 
-POOLS = ("mean", "meansq", "max", "min")
+POOLS = ("mean", "var", "max", "min")
 DIMS = {"pixels": (2, 3), "channels": (1,)}
 Scale = Tensor | tuple[Tensor, Tensor]
 
@@ -37,38 +37,52 @@ Scale = Tensor | tuple[Tensor, Tensor]
 def gate(x: Tensor, pools: Sequence[str], attention: Callable[..., Scale], params: Iterable[Tensor], *,
          over: str = "pixels") -> Tensor:
     """x * attention(*pooled), where pooled[i] is pools[i] of x over the pixels, shape (N, C, 1, 1),
-    or over the channels, shape (N, 1, H, W): "mean", "meansq" (the mean of x * x), "max" or "min".
-    The attention returns a scale of that same shape, or a (scale, shift) pair for x * scale +
-    shift. `params` are the tensors the attention uses that need gradients."""
-    if over not in DIMS or not set(pools) <= set(POOLS):
-        raise ValueError(f"gate over {over!r} with pools {pools!r}: use over pixels or channels, pools from {POOLS}")
+    or over the channels, shape (N, 1, H, W): "mean", "var" (the population variance), "max" or
+    "min". The attention returns a scale of that same shape, or a (scale, shift) pair for
+    x * scale + shift. `params` are the tensors the attention uses that need gradients: the fused
+    path gives gradients to these alone."""
+    if over not in DIMS or not set(pools) <= set(POOLS) or len(set(pools)) != len(pools):
+        raise ValueError(f"gate over {over!r} with pools {pools!r}: use over pixels or channels, each pool once from {POOLS}")
     if _fusable(x):
         return _FusedGate.apply(x, tuple(pools), over, attention, *params)
-    return _apply(x, attention(*(_pool(x, p, DIMS[over]) for p in pools)))
+    scale = attention(*(_pool(x, p, DIMS[over]) for p in pools))
+    _check_shape(scale, _pooled_shape(x, over))
+    return (torch.addcmul(scale[1], x, scale[0]) if isinstance(scale, tuple) else x * scale).to(x.dtype)
 
 
 def _pool(x: Tensor, pool: str, dims: tuple[int, ...]) -> Tensor:
+    """Statistics in float32 at least, as batch norm keeps them under autocast."""
     if pool == "mean":
-        return x.mean(dims, keepdim=True)
-    if pool == "meansq":  # in float32 at least, also under autocast
-        return torch.linalg.vector_norm(x, 2, dims, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32)
-                                        ).square() / math.prod(x.shape[d] for d in dims)
+        return x.mean(dims, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
+    if pool == "var":
+        return x.to(torch.promote_types(x.dtype, torch.float32)).var(dims, correction=0, keepdim=True)
     return (x.amax if pool == "max" else x.amin)(dims, keepdim=True)
 
 
-def _apply(x: Tensor, scale: Scale) -> Tensor:
-    return torch.addcmul(scale[1], x, scale[0]) if isinstance(scale, tuple) else x * scale
+def _pooled_shape(x: Tensor, over: str) -> tuple[int, ...]:
+    return (x.shape[0], x.shape[1], 1, 1) if over == "pixels" else (x.shape[0], 1, *x.shape[2:])
+
+
+def _check_shape(scale: Scale, shape: tuple[int, ...]) -> None:
+    if any(t.shape != shape for t in (scale if isinstance(scale, tuple) else (scale,))):
+        got = [tuple(t.shape) for t in (scale if isinstance(scale, tuple) else (scale,))]
+        raise ValueError(f"a gate's attention returned {got}; it must return {shape}")
 
 
 def _fusable(x: Tensor) -> bool:
+    """Training on the CPU in float32, on a plain dense tensor, outside compile, tracing and
+    torch.func (whose transforms need setup_context, which a Function running a graph of its own
+    inside cannot give), with the kernels built."""
     return (x.requires_grad and torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
-            and x.dim() == 4 and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and fused.library() is not None)
+            and type(x) is Tensor and x.layout == torch.strided and x.dim() == 4 and x.numel() > 0
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x) and fused.library() is not None)
 
 
 def _layout(x: Tensor) -> torch.memory_format:
-    """channels_last where x is stored so (and is not also NCHW-contiguous), else NCHW."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    """channels_last where x's channels are its densest dim (also for a slice of such a tensor),
+    else NCHW."""
+    if x.stride(1) == 1 and x.shape[1] > 1 and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
 
@@ -82,8 +96,9 @@ def _rows(x: Tensor, layout: torch.memory_format, over: str) -> tuple[Tensor, bo
 
 
 class _FusedGate(torch.autograd.Function):
-    """gate() when training on the CPU: one pass for the sums (or the extremes), one for the
-    output; backward one pass for the scale's (and shift's) gradient, one for dx."""
+    """gate() when training on the CPU: one read for the pooling, one write for the output;
+    backward one read of dy and x for the scale's (and shift's) gradient, one write of dx (and
+    with a "var" pool one more pass, for its x-proportional gradient)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, pools: tuple[str, ...], over: str, attention: Callable[..., Scale],
@@ -91,30 +106,30 @@ class _FusedGate(torch.autograd.Function):
         layout = _layout(x)
         x = x.contiguous(memory_format=layout)
         rows, over_last = _rows(x, layout, over)
-        shape = (x.shape[0], x.shape[1], 1, 1) if over == "pixels" else (x.shape[0], 1, *x.shape[2:])
         count = rows.shape[2] if over_last else rows.shape[1]
         found, total, squares = {}, None, None
         if "max" in pools or "min" in pools:  # with the sum in the same read when a mean is wanted
             found["max"], at_high, found["min"], at_low, total = fused.extremes(
                 rows, over_last, low="min" in pools, total="mean" in pools)
             ctx.positions = {"max": at_high, "min": at_low}
-        if "meansq" in pools or ("mean" in pools and total is None):
-            plain, squares = fused.sums(rows, rows, over_last, plain=total is None and "mean" in pools,
-                                        products="meansq" in pools)
-            total = plain if total is None else total
-        for pool, sums in (("mean", total), ("meansq", squares)):
-            if pool in pools:
-                found[pool] = (sums / count).float()
+        if "var" in pools or ("mean" in pools and total is None):
+            total, squares = fused.sums(rows, rows if "var" in pools else None, over_last)
+        if total is not None:
+            mean = total / count
+            found["mean"] = mean.float()
+        if squares is not None:  # in float64, so E[x^2] - E[x]^2 keeps its digits
+            found["var"] = (squares / count - mean.square()).clamp_min_(0).float()
+            ctx.mean = found["mean"]
+        shape = _pooled_shape(x, over)
         with torch.enable_grad():
             leaves = [found[p].view(shape).requires_grad_() for p in pools]
             scale = attention(*leaves)
+        _check_shape(scale, shape)
         outputs = scale if isinstance(scale, tuple) else (scale,)
         ctx.pools, ctx.over, ctx.layout, ctx.count, ctx.params = pools, over, layout, count, params
-        ctx.graph = leaves, outputs
+        ctx.graph = leaves, outputs  # kept with the node, so a retained graph can run backward again
         ctx.save_for_backward(x)
         y = torch.empty_like(x)
-        if any(t.shape != shape for t in outputs):
-            raise ValueError(f"a gate's attention returned {[tuple(t.shape) for t in outputs]}; it must return {shape}")
         fused.scale_rows(rows, over_last, outputs[0], outputs[1] if len(outputs) == 2 else None, _rows(y, layout, over)[0])
         return y
 
@@ -123,23 +138,26 @@ class _FusedGate(torch.autograd.Function):
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
         (x,) = ctx.saved_tensors
         leaves, outputs = ctx.graph
-        del ctx.graph
         rows, over_last = _rows(x, ctx.layout, ctx.over)
         dy = dy.contiguous(memory_format=ctx.layout)
         dy_rows, _ = _rows(dy, ctx.layout, ctx.over)
         d_shift, d_scale = fused.sums(dy_rows, rows, over_last, plain=len(outputs) == 2)
-        output_grads = [d.float().view(outputs[0].shape) for d in (d_scale, d_shift) if d is not None]
+        pairs = [(t, d.float().view(t.shape)) for t, d in zip(outputs, (d_scale, d_shift)) if t.requires_grad]
         wanted = [p for p in ctx.params if p.requires_grad]
-        grads = torch.autograd.grad(outputs, [*leaves, *wanted], output_grads, allow_unused=True)
+        grads = torch.autograd.grad([t for t, _ in pairs], [*leaves, *wanted], [d for _, d in pairs],
+                                    allow_unused=True, retain_graph=True) if pairs else [None] * (len(leaves) + len(wanted))
         by_pool = dict(zip(ctx.pools, grads[:len(leaves)]))
         param_grads = iter(grads[len(leaves):])
 
-        # dx = dy * scale + d_mean / count (+ x * 2 d_meansq / count), the max's and min's rows on top
-        d_mean, d_meansq = by_pool.get("mean"), by_pool.get("meansq")
+        # dx = dy * scale + (d_mean - 2 mean d_var) / count + x * 2 d_var / count, then the max's
+        # and min's gradients at their positions
+        d_mean, d_var = by_pool.get("mean"), by_pool.get("var")
+        shift = None if d_mean is None else d_mean / ctx.count
+        if d_var is not None:
+            shift = (0 if shift is None else shift) - ctx.mean.view_as(d_var) * d_var * (2 / ctx.count)
         peaks = [(ctx.positions[p], by_pool[p]) for p in ("max", "min") if by_pool.get(p) is not None]
         dx = torch.empty_like(dy)
-        fused.scale_rows(dy_rows, over_last, outputs[0], None if d_mean is None else d_mean / ctx.count,
-                         _rows(dx, ctx.layout, ctx.over)[0], peaks)
-        if d_meansq is not None:
-            dx.addcmul_(x, d_meansq * (2 / ctx.count))
+        fused.scale_rows(dy_rows, over_last, outputs[0], shift, _rows(dx, ctx.layout, ctx.over)[0], peaks)
+        if d_var is not None:
+            dx.addcmul_(x, d_var * (2 / ctx.count))
         return dx, None, None, None, *(next(param_grads) if p.requires_grad else None for p in ctx.params)

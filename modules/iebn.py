@@ -16,8 +16,8 @@ class IEBatchNorm2d(nn.BatchNorm2d):
     batch statistics average away. w = 0, b = -1 at init: every gate starts at sigmoid(-1) = 0.269.
 
     The whole layer is x * scale + shift with a scale and shift per image and channel, so it runs
-    as a pooled gate: the batch mean and variance come from the per-image means of x and x * x
-    (one pass over x when training on the CPU), and BatchNorm2d only keeps the running statistics.
+    as a pooled gate: the batch mean and variance come from each image's mean and variance (one
+    pass over x when training on the CPU), and BatchNorm2d only keeps the running statistics.
     """
 
     def __init__(self, channels: int, *, eps: float = 1e-5, momentum: float = 0.1):
@@ -29,19 +29,23 @@ class IEBatchNorm2d(nn.BatchNorm2d):
         self.gate_bias = nn.Parameter(torch.full(shape, -1.0))
 
     def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
         batch_stats = self.training or not self.track_running_stats
-        pools = ["mean", "meansq"] if batch_stats else ["mean"]
         per_channel = x.numel() // x.shape[1]
+        if batch_stats and per_channel == 1:
+            raise ValueError(f"IEBN needs more than 1 value per channel to normalise a batch, got input {tuple(x.shape)}")
+        pools = ["mean", "var"] if batch_stats else ["mean"]
         return gate(x, pools, partial(self.scale_and_shift, per_channel=per_channel), self.parameters())
 
-    def scale_and_shift(self, mean: Tensor, meansq: Tensor | None = None, *, per_channel: int) -> tuple[Tensor, Tensor]:
-        """From per-image means (N, C, 1, 1): with meansq, normalise by the batch's statistics and
-        update the running ones, else by the running ones."""
-        if meansq is None:
+    def scale_and_shift(self, mean: Tensor, var: Tensor | None = None, *, per_channel: int) -> tuple[Tensor, Tensor]:
+        """From per-image means and variances (N, C, 1, 1): with var, normalise by the batch's
+        statistics (the mean of the variances plus the variance of the means, the images being
+        of one size) and update the running ones; without, by the running ones."""
+        if var is None:
             batch_mean, batch_var = self.running_mean.view_as(self.gamma), self.running_var.view_as(self.gamma)
         else:
             batch_mean = mean.mean(0, keepdim=True)
-            batch_var = (meansq.mean(0, keepdim=True) - batch_mean.square()).clamp_min(0)
+            batch_var = var.mean(0, keepdim=True) + mean.var(0, correction=0, keepdim=True)
             if self.training and self.track_running_stats:
                 self._track(batch_mean.detach().flatten(), batch_var.detach().flatten(), per_channel)
         s = torch.sigmoid(mean * self.gate_weight + self.gate_bias)
@@ -53,8 +57,8 @@ class IEBatchNorm2d(nn.BatchNorm2d):
         with torch.no_grad():
             self.num_batches_tracked += 1
             factor = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
-            self.running_mean.lerp_(batch_mean, factor)
-            self.running_var.lerp_(batch_var * per_channel / max(per_channel - 1, 1), factor)
+            self.running_mean.lerp_(batch_mean.to(self.running_mean.dtype), factor)
+            self.running_var.lerp_((batch_var * per_channel / (per_channel - 1)).to(self.running_var.dtype), factor)
 
 
 register("iebn", "instance-enhanced batch norm: replaces each BN, per-image sigmoid gate on its scale", norm=IEBatchNorm2d)

@@ -153,3 +153,23 @@ def test_conv_init_follows_the_originals():
     torch.manual_seed(5)
     conv = build_model("none", 164, 10).stages[2][5].conv2  # 3x3, 64 -> 64
     assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (9 * 64)), rel=0.05)
+
+
+@pytest.mark.parametrize("requires_grad", [True, False])  # the fused CPU path and the torch ops
+def test_iebn_keeps_its_digits_far_from_zero(requires_grad: bool) -> None:
+    """Batch statistics from per-image means and variances, not E[x^2] - E[x]^2 in float32."""
+    torch.manual_seed(4)
+    norm = registry.get("iebn").make_norm(6, {})
+    x = (torch.randn(4, 6, 5, 5) + 600).requires_grad_(requires_grad)
+    expected = torch.nn.functional.batch_norm(x.detach(), None, None, training=True) / (1 + math.e)
+    assert torch.allclose(norm(x), expected, atol=1e-3)
+
+
+def test_iebn_trains_under_autocast() -> None:
+    norm = registry.get("iebn").make_norm(6, {})
+    x = torch.randn(4, 6, 5, 5, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and norm.running_mean.dtype == torch.float32
+    assert norm.num_batches_tracked == 1 and x.grad is not None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import os
 import warnings
 
 import pytest
@@ -13,8 +13,14 @@ from attnbench import fused, pooling
 from attnbench.pooling import gate
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-needs_kernels = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                                   reason="no C compiler: the gates run as torch ops here")
+needs_kernels = pytest.mark.skipif(os.environ.get("ATTNBENCH_KERNELS") == "0", reason="kernels turned off")
+
+
+@pytest.fixture(autouse=True)
+def kernels_built_unless_turned_off() -> None:
+    """CI has a C compiler: a test of the fused path must not pass by running the torch path."""
+    if os.environ.get("ATTNBENCH_KERNELS") != "0":
+        assert fused.library() is not None
 
 
 def _distinct(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -64,7 +70,7 @@ def _run(x: torch.Tensor, pools: list[str], over: str, shift: bool, fused_path: 
 
 
 CASES = [(["mean"], "pixels", False), (["max", "min"], "pixels", False), (["mean", "max"], "pixels", False),
-         (["mean", "meansq"], "pixels", True), (["max", "mean"], "channels", False), (["min"], "channels", True)]
+         (["mean", "var"], "pixels", True), (["var", "max"], "pixels", True), (["max", "mean"], "channels", False), (["min"], "channels", True)]
 
 
 @needs_kernels
@@ -72,7 +78,10 @@ CASES = [(["mean"], "pixels", False), (["max", "min"], "pixels", False), (["mean
 @pytest.mark.parametrize("case", [*LAYOUTS, "batch-1", "one-pixel", "one-channel", "channel-slice"])
 def test_fused_gate_matches_torch_ops(pools, over, shift, case, monkeypatch) -> None:
     x = _input(case)
+    applied = []
+    monkeypatch.setattr(pooling._FusedGate, "apply", lambda *a, apply=pooling._FusedGate.apply: applied.append(1) or apply(*a))
     y, dx, dparams = _run(x, pools, over, shift, True, monkeypatch)
+    assert applied, "the fused path did not run"
     y_ref, dx_ref, dparams_ref = _run(x, pools, over, shift, False, monkeypatch)
     assert torch.allclose(y, y_ref, atol=1e-5)
     assert torch.allclose(dx, dx_ref, atol=1e-4)
@@ -80,6 +89,8 @@ def test_fused_gate_matches_torch_ops(pools, over, shift, case, monkeypatch) -> 
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
     if case in LAYOUTS:  # the gradient flows on in the layout the backbone runs
         assert dx.is_contiguous(memory_format=LAYOUTS[case])
+    for fmt in LAYOUTS.values():  # both paths hand on the same layout (a channel slice: channels_last)
+        assert y.is_contiguous(memory_format=fmt) == y_ref.is_contiguous(memory_format=fmt)
 
 
 @needs_kernels
@@ -107,12 +118,46 @@ def test_a_tie_sends_the_whole_gradient_to_its_first_element(layout: str) -> Non
     assert torch.equal(x.grad, expected)
 
 
-def test_attention_of_the_wrong_shape_is_an_error() -> None:
+@pytest.mark.parametrize("fused_path", [True, False])
+def test_bad_gates_are_errors_on_both_paths(fused_path: bool, monkeypatch) -> None:
+    if not fused_path:
+        monkeypatch.setattr(pooling, "_fusable", lambda x: False)
     x = _input("channels_last")
     with pytest.raises(ValueError, match=r"must return \(2, 5, 1, 1\)"):
         gate(x, ["mean"], lambda m: m.flatten(1), [])
-    with pytest.raises(ValueError, match="pools from"):
+    with pytest.raises(ValueError, match="each pool once from"):
         gate(x, ["median"], lambda m: m, [])
+    with pytest.raises(ValueError, match="each pool once from"):  # its gradients would collide
+        gate(x, ["mean", "mean"], lambda a, b: a + b, [])
+
+
+@needs_kernels
+def test_a_retained_graph_runs_backward_twice() -> None:
+    x = _input("channels_last")
+    y = gate(x, ["max", "mean"], lambda high, mean: (high - mean).sigmoid(), [])
+    (first,) = torch.autograd.grad(y.sum(), x, retain_graph=True)
+    (second,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(first, second)
+
+
+@needs_kernels
+def test_an_attention_without_gradient_leaves_only_the_product() -> None:
+    x = _input("channels_last")
+    gate(x, ["mean"], lambda m: torch.full_like(m, 0.5), []).sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 0.5))
+
+
+def test_inputs_the_kernels_cannot_take_use_torch_ops() -> None:
+    empty = torch.zeros(2, 3, 0, 4, requires_grad=True)
+    assert not pooling._fusable(empty)
+    assert gate(empty, ["mean"], lambda m: m, []).shape == empty.shape
+    with pytest.raises(ValueError, match="contiguous float32"):
+        fused.sums(torch.zeros(2, 3, 4, dtype=torch.float64), None, False)
+    with pytest.raises(ValueError, match="1 <= m, k"):
+        fused.extremes(torch.zeros(2, 0, 4), False, low=False)
+    with pytest.raises(ValueError, match="peak positions"):
+        a = torch.zeros(1, 3, 4)
+        fused.scale_rows(a, False, torch.ones(1, 4), None, torch.empty_like(a), [(torch.full((1, 4), 3), torch.ones(1, 4))])
 
 
 @pytest.mark.parametrize("over_last", [False, True])
@@ -123,6 +168,7 @@ def test_kernels_agree_with_torch(over_last: bool) -> None:
     dim = 2 if over_last else 1
     total, products = fused.sums(a, b, over_last)
     assert torch.allclose(total, a.double().sum(dim)) and torch.allclose(products, (a.double() * b).sum(dim))
+    assert fused.sums(a, None, over_last, plain=True)[1] is None
     high, at_high, low, at_low, total_too = fused.extremes(a, over_last, low=True, total=True)
     assert torch.allclose(total_too, a.double().sum(dim))
     assert torch.equal(high, a.amax(dim)) and torch.equal(at_high, a.argmax(dim))
@@ -137,11 +183,12 @@ def test_kernels_agree_with_torch(over_last: bool) -> None:
 
 
 def test_without_a_compiler_gates_fall_back_with_one_warning(monkeypatch, tmp_path) -> None:
+    monkeypatch.delenv("ATTNBENCH_KERNELS", raising=False)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     fused.library.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="gates use torch ops"):
+        with pytest.warns(RuntimeWarning, match="no-such-cc.*gates use torch ops"):
             assert fused.library() is None
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -155,12 +202,28 @@ def test_without_a_compiler_gates_fall_back_with_one_warning(monkeypatch, tmp_pa
 
 
 @needs_kernels
-def test_library_is_built_once_into_the_cache(monkeypatch, tmp_path) -> None:
+def test_library_is_built_once_into_a_private_cache(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     fused.library.cache_clear()
     try:
         assert fused.library() is not None
         (built,) = (tmp_path / "attnbench").iterdir()
         assert built.name.startswith("kernels-") and built.suffix == ".so"
+        assert (tmp_path / "attnbench").stat().st_mode & 0o777 == 0o700
+    finally:
+        fused.library.cache_clear()
+
+
+@needs_kernels
+def test_a_library_others_can_write_is_not_loaded(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    fused.library.cache_clear()
+    try:
+        fused.library()
+        (built,) = (tmp_path / "attnbench").iterdir()
+        built.chmod(0o777)  # anyone could have replaced it
+        fused.library.cache_clear()
+        with pytest.warns(RuntimeWarning, match="not this user's alone"):
+            assert fused.library() is None
     finally:
         fused.library.cache_clear()
