@@ -182,48 +182,42 @@ def test_kernels_agree_with_torch(over_last: bool) -> None:
     assert torch.allclose(out, expected, atol=1e-5)
 
 
-def test_without_a_compiler_gates_fall_back_with_one_warning(monkeypatch, tmp_path) -> None:
+@pytest.fixture
+def fresh_cache(monkeypatch, tmp_path):
+    """An empty library cache, and library() asked anew (before and after the test)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    fused.library.cache_clear()
+    yield tmp_path / "attnbench"
+    fused.library.cache_clear()
+
+
+def test_without_a_compiler_gates_fall_back_with_one_warning(monkeypatch, tmp_path, fresh_cache) -> None:
     monkeypatch.delenv("ATTNBENCH_KERNELS", raising=False)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    fused.library.cache_clear()
-    try:
-        with pytest.warns(RuntimeWarning, match="no-such-cc.*gates use torch ops"):
-            assert fused.library() is None
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            assert fused.library() is None  # cached: warned once
-            x = _input("channels_last")
-            y = gate(x, ["max", "min"], lambda high, low: (high - low).sigmoid(), [])
-        assert torch.allclose(y, x * (x.amax((2, 3), keepdim=True) - x.amin((2, 3), keepdim=True)).sigmoid())
-        assert not list(tmp_path.glob("attnbench/*"))  # nothing half-written
-    finally:
-        fused.library.cache_clear()
+    with pytest.warns(RuntimeWarning, match="no-such-cc.*gates use torch ops"):
+        assert fused.library() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fused.library() is None  # cached: warned once
+        x = _input("channels_last")
+        y = gate(x, ["max", "min"], lambda high, low: (high - low).sigmoid(), [])
+    assert torch.allclose(y, x * (x.amax((2, 3), keepdim=True) - x.amin((2, 3), keepdim=True)).sigmoid())
+    assert not list(fresh_cache.glob("*"))  # nothing half-written
 
 
 @needs_kernels
-def test_library_is_built_once_into_a_private_cache(monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    fused.library.cache_clear()
-    try:
-        assert fused.library() is not None
-        (built,) = (tmp_path / "attnbench").iterdir()
-        assert built.name.startswith("kernels-") and built.suffix == ".so"
-        assert (tmp_path / "attnbench").stat().st_mode & 0o777 == 0o700
-    finally:
-        fused.library.cache_clear()
+def test_library_is_built_once_into_a_private_cache(fresh_cache) -> None:
+    assert fused.library() is not None
+    (built,) = fresh_cache.iterdir()
+    assert built.name.startswith("kernels-") and built.suffix == ".so"
+    assert fresh_cache.stat().st_mode & 0o777 == 0o700
 
 
 @needs_kernels
-def test_a_library_others_can_write_is_not_loaded(monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+def test_a_library_others_can_write_is_not_loaded(fresh_cache) -> None:
+    fused.library()
+    (built,) = fresh_cache.iterdir()
+    built.chmod(0o777)  # anyone could have replaced it
     fused.library.cache_clear()
-    try:
-        fused.library()
-        (built,) = (tmp_path / "attnbench").iterdir()
-        built.chmod(0o777)  # anyone could have replaced it
-        fused.library.cache_clear()
-        with pytest.warns(RuntimeWarning, match="not this user's alone"):
-            assert fused.library() is None
-    finally:
-        fused.library.cache_clear()
+    with pytest.warns(RuntimeWarning, match="not this user's alone"):
+        assert fused.library() is None
