@@ -69,6 +69,23 @@ def _check_shape(scale: Scale, shape: tuple[int, ...]) -> None:
         raise ValueError(f"a gate's attention returned {got}; it must return {shape}")
 
 
+def _check_params(outputs: tuple[Tensor, ...], leaves: list[Tensor], params: tuple[Tensor, ...]) -> None:
+    """The fused path can only hand gradients to the tensors it was given: one the attention uses
+    without listing it would silently stay untrained, so that is an error."""
+    known = {id(t) for t in (*leaves, *params)}
+    seen, todo = set(), [t.grad_fn for t in outputs if t.grad_fn is not None]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf that needs a gradient
+        if variable is not None and id(variable) not in known:
+            raise ValueError(f"a gate's attention uses a tensor of shape {tuple(variable.shape)} that needs a gradient "
+                             "but is not in its params; pass every parameter the attention uses")
+        todo.extend(next_node for next_node, _ in node.next_functions)
+
+
 def _fusable(x: Tensor) -> bool:
     """Training on the CPU in float32, on a plain dense tensor, outside compile, tracing and
     torch.func (whose transforms need setup_context, which a Function running a graph of its own
@@ -126,6 +143,7 @@ class _FusedGate(torch.autograd.Function):
             scale = attention(*leaves)
         _check_shape(scale, shape)
         outputs = scale if isinstance(scale, tuple) else (scale,)
+        _check_params(outputs, leaves, params)
         ctx.pools, ctx.over, ctx.layout, ctx.count, ctx.params = pools, over, layout, count, params
         ctx.graph = leaves, outputs  # kept with the node, so a retained graph can run backward again
         ctx.save_for_backward(x)

@@ -132,6 +132,15 @@ def test_bad_gates_are_errors_on_both_paths(fused_path: bool, monkeypatch) -> No
 
 
 @needs_kernels
+def test_a_parameter_missing_from_params_is_an_error() -> None:
+    weight = torch.ones(1, 5, 1, 1, requires_grad=True)
+    with pytest.raises(ValueError, match=r"shape \(1, 5, 1, 1\) that needs a gradient but is not in its params"):
+        gate(_input("channels_last"), ["mean"], lambda m: (m * weight).sigmoid(), [])
+    gate(_input("channels_last"), ["mean"], lambda m: (m * weight).sigmoid(), [weight]).sum().backward()
+    assert weight.grad is not None
+
+
+@needs_kernels
 def test_a_retained_graph_runs_backward_twice() -> None:
     x = _input("channels_last")
     y = gate(x, ["max", "mean"], lambda high, mean: (high - mean).sigmoid(), [])
