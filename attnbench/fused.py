@@ -82,7 +82,7 @@ def library() -> ctypes.CDLL | None:
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.sums.argtypes = [p, p, i64, i64, i64, i32, p, p, i32]
         lib.extremes.argtypes = [p, i64, i64, i64, i32, p, p, p, p, p, i32]
-        lib.scale_rows.argtypes = [p, i64, i64, i64, i32, p, p, i32, p, p, p, i32]
+        lib.scale_rows.argtypes = [p, i64, i64, i64, i32, p, p, p, p, i32, p, p, p, i32]
     except (OSError, AttributeError) as exc:
         return _fall_back(f"cannot load {path} ({exc}); delete it to rebuild")
     return lib
@@ -144,21 +144,27 @@ def extremes(a: Tensor, over_last: bool, *, low: bool, total: bool = False) -> t
 
 
 def scale_rows(a: Tensor, over_last: bool, scale: Tensor, shift: Tensor | None, out: Tensor,
-               peaks: Sequence[tuple[Tensor, Tensor]] = ()) -> None:
-    """out = a * scale + shift for contiguous float32 (n, m, k) tensors a and out, with scale and
-    shift holding one value per (n, k) (broadcast over the middle dim) or per (n, m) (over the
-    last); then for each (positions, values) of `peaks`, laid out like scale (the positions from
-    extremes()), values[r] is added at index positions[r] of the broadcast dim."""
+               peaks: Sequence[tuple[Tensor, Tensor]] = (), b: Tensor | None = None,
+               b_scale: Tensor | None = None) -> None:
+    """out = a * scale + b * b_scale + shift for contiguous float32 (n, m, k) tensors a, b and out,
+    with scale, b_scale and shift holding one value per (n, k) (broadcast over the middle dim) or
+    per (n, m) (over the last); then for each (positions, values) of `peaks`, laid out like scale
+    (the positions from extremes()), values[r] is added at index positions[r] of the broadcast dim."""
     n, m, k, kept = _kept_shape(a, over_last)
-    _kept_shape(out, over_last)
-    if out.shape != a.shape:
-        raise ValueError(f"scale_rows writes a tensor of its input's shape {tuple(a.shape)}, got {tuple(out.shape)}")
-    scale, shift = (None if t is None else t.detach().float().reshape(kept).contiguous() for t in (scale, shift))
+    for t in (out, b):
+        if t is not None:
+            _kept_shape(t, over_last)
+            if t.shape != a.shape:
+                raise ValueError(f"scale_rows takes tensors of one shape {tuple(a.shape)}, got {tuple(t.shape)}")
+    if (b is None) != (b_scale is None):
+        raise ValueError("scale_rows takes b and b_scale together")
+    scale, b_scale = (None if t is None else t.detach().float().reshape(kept).contiguous() for t in (scale, b_scale))
+    shift = torch.zeros(kept) if shift is None else shift.detach().float().reshape(kept).contiguous()
     peaks = [(at.reshape(kept).contiguous(), v.detach().float().reshape(kept).contiguous()) for at, v in peaks]
     width = k if over_last else m
     if any(at.dtype != torch.long or int(at.min()) < 0 or int(at.max()) >= width for at, _ in peaks):
         raise ValueError(f"peak positions must be int64 in [0, {width})")
     at = (ctypes.c_void_p * len(peaks))(*(p.data_ptr() for p, _ in peaks))
     add = (ctypes.c_void_p * len(peaks))(*(v.data_ptr() for _, v in peaks))
-    _library().scale_rows(a.data_ptr(), n, m, k, over_last, scale.data_ptr(), _ptr(shift), len(peaks), at, add,
-                          out.data_ptr(), torch.get_num_threads())
+    _library().scale_rows(a.data_ptr(), n, m, k, over_last, scale.data_ptr(), shift.data_ptr(), _ptr(b), _ptr(b_scale),
+                          len(peaks), at, add, out.data_ptr(), torch.get_num_threads())

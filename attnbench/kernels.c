@@ -133,31 +133,38 @@ void extremes(const float *a, int64_t n, int64_t m, int64_t k, int over_last, fl
     }
 }
 
-/* out = a * scale + shift, with scale and shift (shift may be NULL) given per (n, k) when
-   broadcast over the middle dim and per (n, m) when broadcast over the last, then plus add[i][r]
-   at position at[i][r] of the reduced dim for each of the `peaks` (index, value) arrays: a gate's
-   output, and its input gradient with the max's and min's gradients. torch's addcmul runs 1.8x
-   longer when the broadcast dim is the last, and its scatter_add 1 ms per 131k values. */
+/* out = a * scale + b * b_scale + shift, with scale, b_scale and shift given per (n, k) when
+   broadcast over the middle dim and per (n, m) when broadcast over the last (b and b_scale may be
+   NULL), then plus add[p][r] at position at[p][r] of the broadcast dim for each of the `peaks`
+   (index, value) arrays: a gate's output, and its input gradient with the max's and min's
+   gradients (and a variance's, through b = x). torch's addcmul runs 1.8x longer when the broadcast
+   dim is the last, and its scatter_add 1 ms per 131k values. */
 void scale_rows(const float *a, int64_t n, int64_t m, int64_t k, int over_last, const float *scale,
-                const float *shift, int peaks, const int64_t *const *at, const float *const *add, float *out,
-                int threads) {
+                const float *shift, const float *b, const float *b_scale, int peaks, const int64_t *const *at,
+                const float *const *add, float *out, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < n * m; r++) {
-        const float *x = a + r * k;
+        const float *x = a + r * k, *z = b ? b + r * k : NULL;
         float *y = out + r * k;
         if (over_last) {
-            float s = scale[r], t = shift ? shift[r] : 0.0f;
-            #pragma omp simd
-            for (int64_t j = 0; j < k; j++) y[j] = x[j] * s + t;
-            for (int p = 0; p < peaks; p++) y[at[p][r]] += add[p][r];
-        } else {
-            const float *s = scale + (r / m) * k, *t = shift ? shift + (r / m) * k : NULL;
-            if (t) {
+            float s = scale[r], t = shift[r], u = b ? b_scale[r] : 0.0f;
+            if (z) {
                 #pragma omp simd
-                for (int64_t j = 0; j < k; j++) y[j] = x[j] * s[j] + t[j];
+                for (int64_t j = 0; j < k; j++) y[j] = x[j] * s + z[j] * u + t;
             } else {
                 #pragma omp simd
-                for (int64_t j = 0; j < k; j++) y[j] = x[j] * s[j];
+                for (int64_t j = 0; j < k; j++) y[j] = x[j] * s + t;
+            }
+            for (int p = 0; p < peaks; p++) y[at[p][r]] += add[p][r];
+        } else {
+            const float *s = scale + (r / m) * k, *t = shift + (r / m) * k;
+            if (z) {
+                const float *u = b_scale + (r / m) * k;
+                #pragma omp simd
+                for (int64_t j = 0; j < k; j++) y[j] = x[j] * s[j] + z[j] * u[j] + t[j];
+            } else {
+                #pragma omp simd
+                for (int64_t j = 0; j < k; j++) y[j] = x[j] * s[j] + t[j];
             }
         }
     }

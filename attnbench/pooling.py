@@ -114,8 +114,8 @@ def _rows(x: Tensor, layout: torch.memory_format, over: str) -> tuple[Tensor, bo
 
 class _FusedGate(torch.autograd.Function):
     """gate() when training on the CPU: one read for the pooling, one write for the output;
-    backward one read of dy and x for the scale's (and shift's) gradient, one write of dx (and
-    with a "var" pool one more pass, for its x-proportional gradient)."""
+    backward one read of dy and x for the scale's (and shift's) gradient, one write of dx (which
+    with a "var" pool reads x again, for the variance's x-proportional gradient)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, pools: tuple[str, ...], over: str, attention: Callable[..., Scale],
@@ -175,7 +175,6 @@ class _FusedGate(torch.autograd.Function):
             shift = (0 if shift is None else shift) - ctx.mean.view_as(d_var) * d_var * (2 / ctx.count)
         peaks = [(ctx.positions[p], by_pool[p]) for p in ("max", "min") if by_pool.get(p) is not None]
         dx = torch.empty_like(dy)
-        fused.scale_rows(dy_rows, over_last, outputs[0], shift, _rows(dx, ctx.layout, ctx.over)[0], peaks)
-        if d_var is not None:
-            dx.addcmul_(x, d_var * (2 / ctx.count))
+        fused.scale_rows(dy_rows, over_last, outputs[0], shift, _rows(dx, ctx.layout, ctx.over)[0], peaks,
+                         b=None if d_var is None else rows, b_scale=None if d_var is None else d_var * (2 / ctx.count))
         return dx, None, None, None, *(next(param_grads) if p.requires_grad else None for p in ctx.params)
