@@ -1,4 +1,4 @@
-"""One-pass CPU reductions for the gates (kernels.c), compiled on first use and called through ctypes.
+"""The gates' CPU passes in C (kernels.c), compiled on first use and called through ctypes.
 
 Why C: eager PyTorch has no op that sums a product without writing the product out first, and
 none that finds a max and a min with their positions in one read. On a 2-core CPU, where a
@@ -105,11 +105,17 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _kept_shape(a: Tensor, over_last: bool) -> tuple[int, int, int, list[int]]:
+def _kept_shape(a: Tensor, over_last: bool, *alike: Tensor | None) -> tuple[int, int, int, list[int]]:
     """n, m, k of a kernel's (n, m, k) input and the shape of its per-row results; checks what the
-    C code relies on, since a wrong pointer there is a crash, not an exception."""
-    if a.dtype != torch.float32 or a.dim() != 3 or not a.is_contiguous() or a.device.type != "cpu":
-        raise ValueError(f"the CPU kernels take a contiguous float32 (n, m, k) CPU tensor, got {a.dtype} {tuple(a.shape)}")
+    C code relies on (of `a` and of the tensors given alike to it, None skipped), since a wrong
+    pointer there is a crash, not an exception."""
+    for t in (a, *alike):
+        if t is None:
+            continue
+        if t.dtype != torch.float32 or t.dim() != 3 or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"the CPU kernels take contiguous float32 (n, m, k) CPU tensors, got {t.dtype} {tuple(t.shape)}")
+        if t.shape != a.shape:
+            raise ValueError(f"the CPU kernels take tensors of one shape, got {tuple(a.shape)} and {tuple(t.shape)}")
     n, m, k = a.shape
     if max(m, k) >= 2**31 or min(n, m, k) < 1:
         raise ValueError(f"the CPU kernels take 1 <= m, k < 2**31, got {tuple(a.shape)}")
@@ -119,11 +125,7 @@ def _kept_shape(a: Tensor, over_last: bool) -> tuple[int, int, int, list[int]]:
 def sums(a: Tensor, b: Tensor | None, over_last: bool, *, plain: bool = True) -> tuple[Tensor | None, Tensor | None]:
     """Over the middle (or last) dim of contiguous float32 (n, m, k) tensors, in float64 and one
     read: the sum of a (if `plain`) and the sum of a * b (if b is given)."""
-    n, m, k, out = _kept_shape(a, over_last)
-    if b is not None and b.shape != a.shape:
-        raise ValueError(f"sums of a product need two tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if b is not None:
-        _kept_shape(b, over_last)
+    n, m, k, out = _kept_shape(a, over_last, b)
     sum_a = torch.empty(out, dtype=torch.float64) if plain else None
     sum_ab = torch.empty(out, dtype=torch.float64) if b is not None else None
     _library().sums(a.data_ptr(), _ptr(b), n, m, k, over_last, _ptr(sum_a), _ptr(sum_ab), torch.get_num_threads())
@@ -150,12 +152,7 @@ def scale_rows(a: Tensor, over_last: bool, scale: Tensor, shift: Tensor | None, 
     with scale, b_scale and shift holding one value per (n, k) (broadcast over the middle dim) or
     per (n, m) (over the last); then for each (positions, values) of `peaks`, laid out like scale
     (the positions from extremes()), values[r] is added at index positions[r] of the broadcast dim."""
-    n, m, k, kept = _kept_shape(a, over_last)
-    for t in (out, b):
-        if t is not None:
-            _kept_shape(t, over_last)
-            if t.shape != a.shape:
-                raise ValueError(f"scale_rows takes tensors of one shape {tuple(a.shape)}, got {tuple(t.shape)}")
+    n, m, k, kept = _kept_shape(a, over_last, out, b)
     if (b is None) != (b_scale is None):
         raise ValueError("scale_rows takes b and b_scale together")
     scale, b_scale = (None if t is None else t.detach().float().reshape(kept).contiguous() for t in (scale, b_scale))

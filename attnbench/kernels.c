@@ -1,9 +1,9 @@
 /* The passes over a gate's input that eager PyTorch on the CPU can only make as two or three.
 
    Every function reads a contiguous float32 array as (n, m, k) and reduces either the middle dim
-   (results per (n, k)) or the last dim (results per (n, m)), or broadcasts along one of them. A channels_last activation is
-   (N, H*W, C) and an NCHW one (N, C, H*W), so pooling over pixels or over channels is one of the
-   two in either layout. attnbench/fused.py compiles this file and calls it through ctypes.
+   (results per (n, k)) or the last dim (results per (n, m)), or broadcasts along one of them. A
+   channels_last activation is (N, H*W, C) and an NCHW one (N, C, H*W), so pooling over pixels or
+   over channels is one of the two in either layout. attnbench/fused.py compiles this file and calls it through ctypes.
 
    Sums accumulate in double. Loops run on the OpenMP threads of the libgomp that torch loaded. */
 

@@ -21,10 +21,12 @@ it out.
 
 from __future__ import annotations
 
+import functools
+import weakref
 from typing import Callable, Iterable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from attnbench import fused
@@ -34,20 +36,38 @@ DIMS = {"pixels": (2, 3), "channels": (1,)}
 Scale = Tensor | tuple[Tensor, Tensor]
 
 
-def gate(x: Tensor, pools: Sequence[str], attention: Callable[..., Scale], params: Iterable[Tensor], *,
+def gate(x: Tensor, pools: Sequence[str], attention: Callable[..., Scale], params: Iterable[Tensor] | None = None, *,
          over: str = "pixels") -> Tensor:
     """x * attention(*pooled), where pooled[i] is pools[i] of x over the pixels, shape (N, C, 1, 1),
     or over the channels, shape (N, 1, H, W): "mean", "var" (the population variance), "max" or
     "min". The attention returns a scale of that same shape, or a (scale, shift) pair for
-    x * scale + shift. `params` are the tensors the attention uses that need gradients: the fused
-    path gives gradients to these alone."""
+    x * scale + shift. It is normally a method of the module (or a functools.partial of one),
+    whose parameters are then the ones it trains; any other callable gives them as `params`."""
     if over not in DIMS or not set(pools) <= set(POOLS) or len(set(pools)) != len(pools):
         raise ValueError(f"gate over {over!r} with pools {pools!r}: use over pixels or channels, each pool once from {POOLS}")
+    params = _trained(attention, params)  # on every path, so that a bad call fails alike everywhere
     if _fusable(x):
         return _FusedGate.apply(x, tuple(pools), over, attention, *params)
     scale = attention(*(_pool(x, p, DIMS[over]) for p in pools))
     _check_shape(scale, _pooled_shape(x, over))
-    return (torch.addcmul(scale[1], x, scale[0]) if isinstance(scale, tuple) else x * scale).to(x.dtype)
+    scale = _as_tuple(scale)
+    return (x * scale[0] if len(scale) == 1 else torch.addcmul(scale[1], x, scale[0])).to(x.dtype)
+
+
+def _method_of(attention: Callable) -> tuple[nn.Module, Callable] | None:
+    """(module, function) where `attention` is a module's method, directly or in a functools.partial."""
+    bound = attention.func if isinstance(attention, functools.partial) else attention
+    owner = getattr(bound, "__self__", None)
+    return (owner, bound.__func__) if isinstance(owner, nn.Module) else None
+
+
+def _trained(attention: Callable, params: Iterable[Tensor] | None) -> tuple[Tensor, ...]:
+    if params is not None:
+        return tuple(params)
+    method = _method_of(attention)
+    if method is None:
+        raise ValueError("gate(): an attention that is not a module's method needs `params`, the tensors it trains")
+    return tuple(method[0].parameters())
 
 
 def _pool(x: Tensor, pool: str, dims: tuple[int, ...]) -> Tensor:
@@ -63,15 +83,25 @@ def _pooled_shape(x: Tensor, over: str) -> tuple[int, ...]:
     return (x.shape[0], x.shape[1], 1, 1) if over == "pixels" else (x.shape[0], 1, *x.shape[2:])
 
 
+def _as_tuple(scale: Scale) -> tuple[Tensor, ...]:
+    return scale if isinstance(scale, tuple) else (scale,)
+
+
 def _check_shape(scale: Scale, shape: tuple[int, ...]) -> None:
-    if any(t.shape != shape for t in (scale if isinstance(scale, tuple) else (scale,))):
-        got = [tuple(t.shape) for t in (scale if isinstance(scale, tuple) else (scale,))]
-        raise ValueError(f"a gate's attention returned {got}; it must return {shape}")
+    if any(t.shape != shape for t in _as_tuple(scale)):
+        raise ValueError(f"a gate's attention returned {[tuple(t.shape) for t in _as_tuple(scale)]}; it must return {shape}")
 
 
-def _check_params(outputs: tuple[Tensor, ...], leaves: list[Tensor], params: tuple[Tensor, ...]) -> None:
+_CHECKED: weakref.WeakKeyDictionary[nn.Module, set] = weakref.WeakKeyDictionary()  # owner -> its methods checked
+
+
+def _check_params(attention: Callable, outputs: tuple[Tensor, ...], leaves: list[Tensor], params: tuple[Tensor, ...]) -> None:
     """The fused path can only hand gradients to the tensors it was given: one the attention uses
-    without listing it would silently stay untrained, so that is an error."""
+    without them would silently stay untrained, so that is an error. A module's method is checked
+    on its first call only (the walk costs 50-80 us, every training step, every block)."""
+    method = _method_of(attention)
+    if method is not None and method[1] in _CHECKED.get(method[0], ()):
+        return
     known = {id(t) for t in (*leaves, *params)}
     seen, todo = set(), [t.grad_fn for t in outputs if t.grad_fn is not None]
     while todo:
@@ -82,8 +112,10 @@ def _check_params(outputs: tuple[Tensor, ...], leaves: list[Tensor], params: tup
         variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf that needs a gradient
         if variable is not None and id(variable) not in known:
             raise ValueError(f"a gate's attention uses a tensor of shape {tuple(variable.shape)} that needs a gradient "
-                             "but is not in its params; pass every parameter the attention uses")
+                             "but is not among the parameters it trains; pass it in `params`")
         todo.extend(next_node for next_node, _ in node.next_functions)
+    if method is not None:
+        _CHECKED.setdefault(method[0], set()).add(method[1])
 
 
 def _fusable(x: Tensor) -> bool:
@@ -125,9 +157,10 @@ class _FusedGate(torch.autograd.Function):
         rows, over_last = _rows(x, layout, over)
         count = rows.shape[2] if over_last else rows.shape[1]
         found, total, squares = {}, None, None
-        if "max" in pools or "min" in pools:  # with the sum in the same read when a mean is wanted
+        # The extremes bring the sum in the same read, unless a variance's sums() brings it anyway.
+        if "max" in pools or "min" in pools:
             found["max"], at_high, found["min"], at_low, total = fused.extremes(
-                rows, over_last, low="min" in pools, total="mean" in pools)
+                rows, over_last, low="min" in pools, total="mean" in pools and "var" not in pools)
             ctx.positions = {"max": at_high, "min": at_low}
         if "var" in pools or ("mean" in pools and total is None):
             total, squares = fused.sums(rows, rows if "var" in pools else None, over_last)
@@ -142,8 +175,8 @@ class _FusedGate(torch.autograd.Function):
             leaves = [found[p].view(shape).requires_grad_() for p in pools]
             scale = attention(*leaves)
         _check_shape(scale, shape)
-        outputs = scale if isinstance(scale, tuple) else (scale,)
-        _check_params(outputs, leaves, params)
+        outputs = _as_tuple(scale)
+        _check_params(attention, outputs, leaves, params)
         ctx.pools, ctx.over, ctx.layout, ctx.count, ctx.params = pools, over, layout, count, params
         ctx.graph = leaves, outputs  # kept with the node, so a retained graph can run backward again
         ctx.save_for_backward(x)

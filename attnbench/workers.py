@@ -27,7 +27,7 @@ from attnbench.storage import RunStore, open_storage
 from attnbench.train import Runtime
 
 
-MAX_CRASHES = 3  # restarts per slot, counted over all slots: a worker that keeps dying must not restart forever
+MAX_CRASHES = 3  # restarts per slot, pooled: any slot may use the budget of MAX_CRASHES * slots; never forever
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,8 @@ class CBAMGate(nn.Module):
         return self.spatial_bn(self.spatial_conv(maps)).sigmoid_()
 
     def forward(self, x: Tensor) -> Tensor:
-        x1 = gate(x, ["mean", "max"], self.channel_attention, self.mlp.parameters())
-        spatial = [*self.spatial_conv.parameters(), *self.spatial_bn.parameters()]
-        return gate(x1, ["max", "mean"], self.spatial_attention, spatial, over="channels")
+        x1 = gate(x, ["mean", "max"], self.channel_attention)
+        return gate(x1, ["max", "mean"], self.spatial_attention, over="channels")
 
 
 register("cbam", "CBAM: channel gate (avg+max pooling MLP) then 7x7 spatial gate", gate=CBAMGate)

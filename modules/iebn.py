@@ -35,7 +35,7 @@ class IEBatchNorm2d(nn.BatchNorm2d):
         if batch_stats and per_channel == 1:
             raise ValueError(f"IEBN needs more than 1 value per channel to normalise a batch, got input {tuple(x.shape)}")
         pools = ["mean", "var"] if batch_stats else ["mean"]
-        return gate(x, pools, partial(self.scale_and_shift, per_channel=per_channel), self.parameters())
+        return gate(x, pools, partial(self.scale_and_shift, per_channel=per_channel))
 
     def scale_and_shift(self, mean: Tensor, var: Tensor | None = None, *, per_channel: int) -> tuple[Tensor, Tensor]:
         """From per-image means and variances (N, C, 1, 1): with var, normalise by the batch's

@@ -18,7 +18,7 @@ class SEGate(nn.Module):
         return self.fc2(self.fc1(mean.flatten(1)).relu_()).sigmoid_().view_as(mean)
 
     def forward(self, x: Tensor) -> Tensor:
-        return gate(x, ["mean"], self.attention, self.parameters())
+        return gate(x, ["mean"], self.attention)
 
 
 register("se", "squeeze-and-excitation: channel gate from global average pooling", gate=SEGate, aliases=("senet",))

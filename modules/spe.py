@@ -41,7 +41,7 @@ class SPEGate(nn.Module):
         return (high + low).sigmoid() * mix.sigmoid()
 
     def forward(self, x: Tensor) -> Tensor:
-        return gate(x, ["max", "min"], self.attention, self.parameters())
+        return gate(x, ["max", "min"], self.attention)
 
     def extra_loss(self) -> Tensor:
         return self.alpha * (self.p * self.p).sum()

@@ -63,8 +63,8 @@ def _run(x: torch.Tensor, pools: list[str], over: str, shift: bool, fused_path: 
             patch.setattr(pooling, "_fusable", lambda x: False)
         x = x.detach().requires_grad_()
         y = gate(x, pools, attention, attention.parameters(), over=over)
-        dy = _distinct(tuple(y.shape), seed=2).contiguous(memory_format=torch.channels_last if x.dim() == 4 else
-                                                          torch.contiguous_format)
+        # channels_last also for NCHW inputs: gate() must bring dy to x's layout itself
+        dy = _distinct(tuple(y.shape), seed=2).contiguous(memory_format=torch.channels_last)
         y.backward(dy)
     return y.detach(), x.grad, [p.grad for p in attention.parameters()]
 
@@ -134,10 +134,43 @@ def test_bad_gates_are_errors_on_both_paths(fused_path: bool, monkeypatch) -> No
 @needs_kernels
 def test_a_parameter_missing_from_params_is_an_error() -> None:
     weight = torch.ones(1, 5, 1, 1, requires_grad=True)
-    with pytest.raises(ValueError, match=r"shape \(1, 5, 1, 1\) that needs a gradient but is not in its params"):
+    with pytest.raises(ValueError, match=r"shape \(1, 5, 1, 1\) that needs a gradient but is not among"):
         gate(_input("channels_last"), ["mean"], lambda m: (m * weight).sigmoid(), [])
     gate(_input("channels_last"), ["mean"], lambda m: (m * weight).sigmoid(), [weight]).sum().backward()
     assert weight.grad is not None
+
+
+class Scaled(nn.Module):
+    """A gate module whose attention also uses a tensor it does not own."""
+
+    def __init__(self, outside: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1, 5, 1, 1))
+        self.outside = [outside]  # a plain list: not registered, so not among its parameters
+
+    def attention(self, mean: torch.Tensor) -> torch.Tensor:
+        return (mean * self.weight * self.outside[0]).sigmoid()
+
+
+@pytest.mark.parametrize("fused_path", [True, False])
+def test_a_module_method_trains_its_module_and_a_plain_callable_needs_params(fused_path: bool, monkeypatch) -> None:
+    if not fused_path:
+        monkeypatch.setattr(pooling, "_fusable", lambda x: False)
+    module = Scaled(torch.ones(1, 5, 1, 1))
+    gate(_input("channels_last"), ["mean"], module.attention).sum().backward()
+    assert module.weight.grad is not None and module.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="needs `params`"):
+        gate(_input("channels_last"), ["mean"], lambda m: m.sigmoid())
+
+
+@needs_kernels
+def test_an_untrained_tensor_of_a_module_method_is_an_error_on_its_first_call() -> None:
+    module = Scaled(torch.ones(1, 5, 1, 1, requires_grad=True))
+    with pytest.raises(ValueError, match=r"shape \(1, 5, 1, 1\) that needs a gradient but is not among"):
+        gate(_input("channels_last"), ["mean"], module.attention)
+    fine = Scaled(torch.ones(1, 5, 1, 1))
+    gate(_input("channels_last"), ["mean"], fine.attention)
+    assert pooling._CHECKED[fine] == {Scaled.attention}  # later calls skip the walk
 
 
 @needs_kernels
