@@ -119,13 +119,7 @@ def _check_params(attention: Callable, outputs: tuple[Tensor, ...], leaves: list
 
 
 def _fusable(x: Tensor) -> bool:
-    """Training on the CPU in float32, on a plain dense tensor, outside compile, tracing and
-    torch.func (whose transforms need setup_context, which a Function running a graph of its own
-    inside cannot give), with the kernels built."""
-    return (x.requires_grad and torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
-            and type(x) is Tensor and x.layout == torch.strided and x.dim() == 4 and x.numel() > 0
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(x) and fused.library() is not None)
+    return x.requires_grad and fused.serves(x)
 
 
 def _layout(x: Tensor) -> torch.memory_format:

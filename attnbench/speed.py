@@ -1,8 +1,9 @@
 """How much faster the harness trains than the plain loop the original code's users ran.
 
 The plain side is bearpaw's cifar.py train() without its .cuda() calls: torchvision's CIFAR10
-dataset with PIL transforms in a DataLoader with two workers, the eager NCHW model, SGD, and a
-host sync per step for the running loss and accuracy. The harness side is attnbench.train's
+dataset with PIL transforms in a DataLoader with two workers, the eager NCHW model on torch's
+own kernels (attnbench's C kernels turned off), SGD, and a host sync per step for the running
+loss and accuracy. The harness side is attnbench.train's
 Stepper fed by attnbench.data.train_batches, the code train() runs. Both train the same model
 from the same initialisation on the same images with the same recipe, each in a process of its
 own, timed in interleaved blocks (plain, harness, plain, ...) after a warm-up, so that load from
@@ -147,6 +148,7 @@ def _serve(kind: str, cfg: RunConfig, splits: Splits, rt: Runtime, workers: int,
         mp.set_start_method(None, force=True)
         torch.set_num_threads(threads)
         if kind == "plain":
+            os.environ["ATTNBENCH_KERNELS"] = "0"  # the original code's layers: torch's own kernels throughout
             side: PlainLoop | HarnessLoop = PlainLoop(cfg, splits, rt.device, workers)
         else:  # the harness keeps the whole dataset where the model runs
             side = HarnessLoop(cfg, replace(splits, **{f: getattr(splits, f).to(rt.device) for f in

@@ -1,10 +1,12 @@
-"""Shared fixtures: the real mini CIFAR-10 set beside the checkout, and an isolated registry."""
+"""Shared fixtures: the real mini CIFAR-10 set beside the checkout, an isolated registry, and the
+C kernels' check."""
 
+import os
 from pathlib import Path
 
 import pytest
 
-from attnbench import registry
+from attnbench import fused, registry
 
 MINI_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-mini"
 
@@ -15,6 +17,16 @@ def mini_cifar_dir() -> Path:
     if not (MINI_CIFAR / "cifar-10-batches-py").is_dir():
         pytest.skip(f"the shared mini CIFAR-10 set is not at {MINI_CIFAR}")
     return MINI_CIFAR
+
+
+needs_kernels = pytest.mark.skipif(os.environ.get("ATTNBENCH_KERNELS") == "0", reason="kernels turned off")
+
+
+@pytest.fixture
+def kernels_built_unless_turned_off() -> None:
+    """CI has a C compiler: a test of the C kernels must not pass by running the torch path."""
+    if os.environ.get("ATTNBENCH_KERNELS") != "0":
+        assert fused.library() is not None
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 import torch
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from attnbench import pooling, registry
+from attnbench import fused, pooling, registry
 from attnbench.train import keep_freed_memory
 
 SHAPE = (128, 256, 8, 8)  # ResNet-164 stage 3 at batch 128
@@ -53,3 +53,19 @@ def test_gate_train_step(benchmark: BenchmarkFixture, name: str, path: str, monk
     x.requires_grad_()
     grads = benchmark(lambda: torch.autograd.grad(module(x), [x, *module.parameters()], dy))
     assert grads[0].shape == x.shape and all(g is not None for g in grads)
+
+
+@pytest.mark.benchmark(group="conv-weight-grad")
+@pytest.mark.parametrize("path", ["kernels.c", "onednn"])
+@pytest.mark.parametrize("channels, size", [(16, 32), (64, 8)], ids=["stage1", "stage3"])
+def test_conv_weight_grad(benchmark: BenchmarkFixture, path: str, channels: int, size: int) -> None:
+    """A CIFAR ResNet 3x3 conv's weight gradient at batch 128: attnbench.models.conv's C kernel
+    side by side with oneDNN's, which the layer replaces."""
+    x, dy = (torch.randn(128, channels, size, size).to(memory_format=torch.channels_last) for _ in range(2))
+    weight = torch.randn(channels, channels, 3, 3).to(memory_format=torch.channels_last)
+    if path == "kernels.c":
+        grad = benchmark(fused.conv_weight_grad, x, dy, 3, 1, 1)
+    else:
+        grad = benchmark(lambda: torch.ops.aten.convolution_backward(dy, x, weight, None, [1, 1], [1, 1], [1, 1], False,
+                                                                     [0, 0], 1, [False, True, False])[1])
+    assert grad.shape == weight.shape

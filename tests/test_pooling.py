@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
@@ -11,16 +10,10 @@ from torch import nn
 
 from attnbench import fused, pooling
 from attnbench.pooling import gate
+from conftest import needs_kernels
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-needs_kernels = pytest.mark.skipif(os.environ.get("ATTNBENCH_KERNELS") == "0", reason="kernels turned off")
-
-
-@pytest.fixture(autouse=True)
-def kernels_built_unless_turned_off() -> None:
-    """CI has a C compiler: a test of the fused path must not pass by running the torch path."""
-    if os.environ.get("ATTNBENCH_KERNELS") != "0":
-        assert fused.library() is not None
+pytestmark = pytest.mark.usefixtures("kernels_built_unless_turned_off")
 
 
 def _distinct(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from attnbench.errors import UserError
+from attnbench.models.conv import Conv2d
 from attnbench.registry import ModuleSpec
 
 Norm = Callable[[int], nn.Module]
@@ -26,7 +27,7 @@ Norm = Callable[[int], nn.Module]
 
 def conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> nn.Conv2d:
     """Bias-free conv with the originals' init, N(0, sqrt(2 / (k*k*out_channels)))."""
-    layer = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False)
+    layer = Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False)
     nn.init.normal_(layer.weight, 0.0, math.sqrt(2.0 / (kernel * kernel * out_ch)))
     return layer
 
