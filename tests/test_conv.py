@@ -1,10 +1,11 @@
-"""attnbench.models.conv: the weight gradient from kernels.c equals oneDNN's, and the layer is an
-nn.Conv2d wherever the kernel does not apply."""
+"""attnbench.models.conv: the C kernels' convs and weight gradients equal oneDNN's, and the layer is
+an nn.Conv2d wherever the kernels do not apply."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from attnbench import fused
@@ -57,11 +58,11 @@ def test_weight_grad_refuses_what_the_kernel_cannot_take(bad: dict, message: str
         fused.conv_weight_grad(args["x"], args["dy"], 3, 1, 1)
 
 
-def _pair(bias: bool, **options) -> tuple[Conv2d, nn.Conv2d]:
-    ours = Conv2d(32, 12, 3, padding=1, bias=bias, **options)
-    theirs = nn.Conv2d(32, 12, 3, padding=1, bias=bias, **options)
+def _pair(bias: bool, cin: int = 32, cout: int = 12, kernel: int = 3, layout=CL, **options) -> tuple[Conv2d, nn.Conv2d]:
+    ours = Conv2d(cin, cout, kernel, padding=kernel // 2, bias=bias, **options)
+    theirs = nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=bias, **options)
     theirs.load_state_dict(ours.state_dict())
-    return ours.to(memory_format=CL), theirs.to(memory_format=CL)
+    return ours.to(memory_format=layout), theirs.to(memory_format=layout)
 
 
 def _grads(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -72,34 +73,75 @@ def _grads(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.T
 
 @needs_kernels
 @pytest.mark.parametrize("bias", [False, True])
-def test_layer_trains_as_nn_conv2d_does(bias: bool) -> None:
-    ours, theirs = _pair(bias, stride=2)
-    x = torch.randn(4, 32, 10, 10).to(memory_format=CL)
-    dy = torch.randn(4, 12, 5, 5).to(memory_format=CL)
+@pytest.mark.parametrize("case", ["resnet-conv", "few-channels"])
+def test_layer_trains_as_nn_conv2d_does(case: str, bias: bool) -> None:
+    if case == "resnet-conv":  # channels_last, 16k input channels: oneDNN forward, weight gradient in C
+        ours, theirs = _pair(bias, stride=2)
+        x, dy = torch.randn(4, 32, 10, 10).to(memory_format=CL), torch.randn(4, 12, 5, 5).to(memory_format=CL)
+        kernel_ran = "_ConvWithWeightGradInCBackward"
+    else:  # CBAM's spatial conv on NCHW maps: all of it in C
+        ours, theirs = _pair(bias, cin=2, cout=1, kernel=7, layout=torch.contiguous_format)
+        x, dy = torch.randn(4, 2, 9, 11), torch.randn(4, 1, 9, 11)
+        kernel_ran = "_DirectConvBackward"
     y, grads = _grads(ours, x, dy)
     y_ref, grads_ref = _grads(theirs, x, dy)
-    assert type(y.grad_fn).__name__ == "_ConvWithWeightGradInCBackward"  # the kernel did run
-    assert torch.equal(y, y_ref)  # the forward is oneDNN's either way
-    for got, want in zip(grads, grads_ref):
+    assert type(y.grad_fn).__name__ == kernel_ran
+    assert y.shape == y_ref.shape and y.is_contiguous(memory_format=CL) == y_ref.is_contiguous(memory_format=CL)
+    for got, want in zip((y, *grads), (y_ref, *grads_ref)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["nchw", "few-channels", "grouped", "dilated", "1x1", "no-grad", "frozen"])
-def test_layer_is_nn_conv2d_where_the_kernel_does_not_apply(case: str) -> None:
-    options = {"grouped": dict(groups=2), "dilated": dict(dilation=2, padding=2), "1x1": dict(kernel_size=1, padding=0)}
-    cin = 8 if case == "few-channels" else 32
-    args = dict(in_channels=cin, out_channels=12, kernel_size=3, padding=1, bias=False) | options.get(case, {})
-    ours, theirs = Conv2d(**args), nn.Conv2d(**args)
+@needs_kernels
+@pytest.mark.parametrize("cin, cout, kernel, h, w", [(2, 1, 7, 9, 9), (3, 2, 3, 5, 6), (1, 3, 5, 1, 1), (4, 4, 3, 3, 8)])
+def test_direct_conv_equals_torch(cin, cout, kernel, h, w) -> None:
+    g = torch.Generator().manual_seed(cin * 10 + cout)
+    x, weight = torch.randn(3, cin, h, w, generator=g), torch.randn(cout, cin, kernel, kernel, generator=g)
+    dy = torch.randn(3, cout, h, w, generator=g)
+    torch.testing.assert_close(fused.conv_same(x, weight), F.conv2d(x, weight, padding=kernel // 2), rtol=1e-5, atol=1e-5)
+    weight.requires_grad_()
+    (want,) = torch.autograd.grad(F.conv2d(x, weight, padding=kernel // 2), [weight], dy)
+    torch.testing.assert_close(fused.conv_same_weight_grad(x, dy, kernel), want, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_direct_conv_refuses_what_it_cannot_take() -> None:
+    x = torch.randn(2, 2, 5, 5)
+    with pytest.raises(ValueError, match="odd square kernel"):
+        fused.conv_same(x, torch.randn(1, 2, 4, 4))
+    with pytest.raises(ValueError, match="odd square kernel"):
+        fused.conv_same(x, torch.randn(1, 3, 3, 3))
+    with pytest.raises(ValueError, match="NCHW"):
+        fused.conv_same(x.to(memory_format=CL), torch.randn(1, 2, 3, 3))
+    with pytest.raises(ValueError, match="same-size"):
+        fused.conv_same_weight_grad(x, torch.randn(2, 1, 4, 5), 3)
+
+
+RESNET_CONV = dict(in_channels=32, out_channels=12, kernel_size=3, padding=1)
+FEW_CHANNELS = dict(in_channels=2, out_channels=1, kernel_size=7, padding=3)
+NOT_SERVED = {  # case: (layer, input layout)
+    "resnet-conv-nchw": (RESNET_CONV, torch.contiguous_format),
+    "8-channels": (RESNET_CONV | dict(in_channels=8), CL),
+    "grouped": (RESNET_CONV | dict(groups=2), CL),
+    "dilated": (RESNET_CONV | dict(dilation=2, padding=2), CL),
+    "1x1": (RESNET_CONV | dict(kernel_size=1, padding=0), CL),
+    "few-channels-channels_last": (FEW_CHANNELS, CL),
+    "few-channels-strided": (FEW_CHANNELS | dict(stride=2), torch.contiguous_format),
+    "few-channels-even-kernel": (FEW_CHANNELS | dict(kernel_size=4, padding=2), torch.contiguous_format),
+    "no-grad": (RESNET_CONV, CL),
+    "frozen": (RESNET_CONV, CL),
+}
+
+
+@pytest.mark.parametrize("case", NOT_SERVED)
+def test_layer_is_nn_conv2d_where_the_kernels_do_not_apply(case: str) -> None:
+    args, layout = NOT_SERVED[case]
+    ours, theirs = Conv2d(**args, bias=False), nn.Conv2d(**args, bias=False)
     theirs.load_state_dict(ours.state_dict())
     ours.weight.requires_grad_(case != "frozen")
-    x = torch.randn(2, cin, 6, 6)
-    if case != "nchw":
-        x = x.to(memory_format=CL)
-        ours, theirs = ours.to(memory_format=CL), theirs.to(memory_format=CL)
-    x.requires_grad_()
+    x = torch.randn(2, args["in_channels"], 6, 6).to(memory_format=layout).requires_grad_()
     with torch.set_grad_enabled(case != "no-grad"):
-        y = ours(x)
-        assert torch.equal(y, theirs(x))
+        y = ours.to(memory_format=layout)(x)
+        assert torch.equal(y, theirs.to(memory_format=layout)(x))
     assert y.grad_fn is None if case == "no-grad" else type(y.grad_fn).__name__ == "ConvolutionBackward0"
 
 

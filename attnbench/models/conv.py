@@ -1,10 +1,16 @@
-"""nn.Conv2d whose weight gradient comes from kernels.c when it trains on the CPU.
+"""nn.Conv2d that trains on the CPU with C kernels where oneDNN is slow.
 
-Why: a ResNet-20 train step on a 2-core CPU spends about a third of its time in oneDNN's weight
-gradients of the 3x3 convs, which run at about 40% of the AVX2 peak; fused.conv_weight_grad
-takes 0.55-0.8x their time. Forward and input gradient stay oneDNN's. The layer is an nn.Conv2d
-with the same parameters and state_dict, and anywhere the kernel does not apply (GPU, NCHW,
-eval, fewer than 16 or an odd number of input channels, compile, tracing) it is nn.Conv2d.
+Two cases, both measured at batch 128 on a 2-core AVX2 CPU:
+
+- The CIFAR ResNets' convs (channels_last, 16-64 channels): a train step spends about a third of
+  its time in oneDNN's weight gradients, which fused.conv_weight_grad computes in 0.7-0.8x the
+  time. Forward and input gradient stay oneDNN's.
+- Convs with a handful of channels, such as CBAM's 7x7 from 2 maps to 1: oneDNN's forward and
+  backward take 10.7 ms at 32x32 where fused.conv_same and conv_same_weight_grad take 3.9 ms, so
+  the whole conv runs in C (on NCHW maps, which a direct loop reads plane by plane).
+
+The layer has nn.Conv2d's parameters and state_dict, and anywhere neither case applies (GPU,
+evaluation, other shapes or layouts, compile, tracing) it is nn.Conv2d.
 """
 
 from __future__ import annotations
@@ -16,20 +22,36 @@ from torch.autograd.function import once_differentiable
 
 from attnbench import fused
 
+FEW_CHANNELS = 16  # in_channels * out_channels up to which the whole conv runs in C
+
 
 class Conv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
-        if self._kernel_serves(x):
-            return _ConvWithWeightGradInC.apply(x, self.weight, self.bias, self.stride[0], self.padding[0])
+        if self._trains_in_c(x):
+            if self._few_channels(x):
+                return _DirectConv.apply(x, self.weight, self.bias)
+            if self._weight_grad_in_c(x):
+                return _ConvWithWeightGradInC.apply(x, self.weight, self.bias, self.stride[0], self.padding[0])
         return super().forward(x)
 
-    def _kernel_serves(self, x: Tensor) -> bool:
-        k, s, p = self.kernel_size, self.stride, self.padding
-        return (self.weight.requires_grad and self.groups == 1 and self.dilation == (1, 1)
-                and self.padding_mode == "zeros" and k[0] == k[1] > 1 and s[0] == s[1]
-                and isinstance(p, tuple) and p[0] == p[1] and self.in_channels % 16 == 0
-                and self.weight.dtype == torch.float32 and fused.serves(x)
-                and x.is_contiguous(memory_format=torch.channels_last))
+    def _trains_in_c(self, x: Tensor) -> bool:
+        k = self.kernel_size
+        return (self.weight.requires_grad and self.weight.dtype == torch.float32 and self.groups == 1
+                and self.dilation == (1, 1) and self.padding_mode == "zeros" and k[0] == k[1] > 1
+                and isinstance(self.padding, tuple) and self.padding[0] == self.padding[1]
+                and self.stride[0] == self.stride[1] and fused.serves(x))
+
+    def _few_channels(self, x: Tensor) -> bool:
+        k = self.kernel_size[0]
+        return (self.in_channels * self.out_channels <= FEW_CHANNELS and k % 2 == 1 and self.padding[0] == k // 2
+                and self.stride[0] == 1 and x.is_contiguous())
+
+    def _weight_grad_in_c(self, x: Tensor) -> bool:
+        return self.in_channels % 16 == 0 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _bias_grad(ctx, dy: Tensor) -> Tensor | None:
+    return dy.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
 
 
 class _ConvWithWeightGradInC(torch.autograd.Function):
@@ -45,12 +67,31 @@ class _ConvWithWeightGradInC(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         dy = dy.contiguous(memory_format=torch.channels_last)
         stride, padding = [ctx.stride] * 2, [ctx.padding] * 2
-        dx = dw = db = None
+        dx = dw = None
         if ctx.needs_input_grad[0]:
             dx = torch.ops.aten.convolution_backward(dy, x, weight, None, stride, padding, [1, 1], False, [0, 0], 1,
                                                      [True, False, False])[0]
         if ctx.needs_input_grad[1]:
             dw = fused.conv_weight_grad(x, dy, weight.shape[-1], ctx.stride, ctx.padding)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.sum((0, 2, 3))
-        return dx, dw, db, None, None
+        return dx, dw, _bias_grad(ctx, dy), None, None
+
+
+class _DirectConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        y = fused.conv_same(x, weight.detach().contiguous())
+        return y if bias is None else y.add_(bias.view(1, -1, 1, 1))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:  # the same conv of dy with the kernel flipped and in/out swapped
+            dx = fused.conv_same(dy, weight.flip(2, 3).transpose(0, 1).contiguous())
+        if ctx.needs_input_grad[1]:
+            dw = fused.conv_same_weight_grad(x, dy, weight.shape[-1])
+        return dx, dw, _bias_grad(ctx, dy)
