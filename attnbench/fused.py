@@ -87,6 +87,10 @@ def library() -> ctypes.CDLL | None:
         lib.scale_rows.argtypes = [p, i64, i64, i64, i32, p, p, p, p, i32, p, p, p, i32]
         lib.conv_weight_grad.argtypes = [p, p, p, *[i64] * 11, i32]
         lib.conv_same.argtypes = lib.conv_same_weight_grad.argtypes = [p, p, p, *[i64] * 6, i32]
+        lib.outer_pools.argtypes = [p, p, i64, i64, i64, p, p, p, i32]
+        lib.outer_row_dots.argtypes = [p, p, p, i64, i64, i64, p, i32]
+        lib.outer_col_sums.argtypes = [p, p, p, p, p, p, i64, i64, i64, p, i32]
+        lib.outer_scale.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, p, i32]
     except (OSError, AttributeError) as exc:
         return _fall_back(f"cannot load {path} ({exc}); delete it to rebuild")
     return lib
@@ -170,16 +174,76 @@ def scale_rows(a: Tensor, over_last: bool, scale: Tensor, shift: Tensor | None, 
     n, m, k, kept = _kept_shape(a, over_last, out, b)
     if (b is None) != (b_scale is None):
         raise ValueError("scale_rows takes b and b_scale together")
-    scale, b_scale = (None if t is None else t.detach().float().reshape(kept).contiguous() for t in (scale, b_scale))
-    shift = torch.zeros(kept) if shift is None else shift.detach().float().reshape(kept).contiguous()
-    peaks = [(at.reshape(kept).contiguous(), v.detach().float().reshape(kept).contiguous()) for at, v in peaks]
-    width = k if over_last else m
-    if any(at.dtype != torch.long or int(at.min()) < 0 or int(at.max()) >= width for at, _ in peaks):
-        raise ValueError(f"peak positions must be int64 in [0, {width})")
+    scale, b_scale = _per(scale, kept), _per(b_scale, kept)
+    shift = torch.zeros(kept) if shift is None else _per(shift, kept)
+    peaks = [(_positions(at, kept, k if over_last else m), _per(v, kept)) for at, v in peaks]
     at = (ctypes.c_void_p * len(peaks))(*(p.data_ptr() for p, _ in peaks))
     add = (ctypes.c_void_p * len(peaks))(*(v.data_ptr() for _, v in peaks))
     _library().scale_rows(a.data_ptr(), n, m, k, over_last, scale.data_ptr(), shift.data_ptr(), _ptr(b), _ptr(b_scale),
                           len(peaks), at, add, out.data_ptr(), torch.get_num_threads())
+
+
+def _per(t: Tensor | None, shape: list[int]) -> Tensor | None:
+    """A per-row (or per-column) operand as the C code reads it: contiguous float32 of `shape`."""
+    return None if t is None else t.detach().float().reshape(shape).contiguous()
+
+
+def _positions(at: Tensor, shape: list[int], width: int) -> Tensor:
+    """Peak positions as the C code indexes with them, checked: a bad one would write anywhere."""
+    at = at.reshape(shape).contiguous()
+    if at.dtype != torch.long or int(at.min()) < 0 or int(at.max()) >= width:
+        raise ValueError(f"peak positions must be int64 in [0, {width})")
+    return at
+
+
+# A channel gate then a spatial gate (CBAM) over a channels_last x read as (n, m pixels, k
+# channels): y = x * a * s, a one value per (n, k), s one per (n, m); see kernels.c.
+
+def outer_pools(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per pixel, over the channels of x * a in one read: (max, its first position, float64 sum)."""
+    n, m, k, per_pixel = _kept_shape(x, True)
+    a = _per(a, [n, k])  # every operand stays bound to a name until the call returns: a temporary's memory would be freed
+    high, at, total = torch.empty(per_pixel), torch.empty(per_pixel, dtype=torch.long), torch.empty(per_pixel, dtype=torch.float64)
+    _library().outer_pools(x.data_ptr(), a.data_ptr(), n, m, k, high.data_ptr(), at.data_ptr(), total.data_ptr(),
+                           torch.get_num_threads())
+    return high, at, total
+
+
+def outer_row_dots(dy: Tensor, x: Tensor, a: Tensor) -> Tensor:
+    """Per pixel, the float64 sum over the channels of dy * x * a."""
+    n, m, k, per_pixel = _kept_shape(x, True, dy)
+    a, out = _per(a, [n, k]), torch.empty(per_pixel, dtype=torch.float64)
+    _library().outer_row_dots(dy.data_ptr(), x.data_ptr(), a.data_ptr(), n, m, k, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def outer_col_sums(dy: Tensor, x: Tensor, s: Tensor, t: Tensor, peak_at: Tensor, peak: Tensor) -> Tensor:
+    """Per image and channel, the float64 sum over the pixels of (dy * s + t + peak at channel
+    peak_at) * x, with s, t, peak_at and peak one per pixel."""
+    n, m, k, per_pixel = _kept_shape(x, True, dy)
+    operands = [_per(s, per_pixel), _per(t, per_pixel), _positions(peak_at, per_pixel, k), _per(peak, per_pixel)]
+    out = torch.empty(n, k, dtype=torch.float64)
+    _library().outer_col_sums(dy.data_ptr(), x.data_ptr(), *(v.data_ptr() for v in operands), n, m, k, out.data_ptr(),
+                              torch.get_num_threads())
+    return out
+
+
+def outer_scale(x: Tensor, a: Tensor, s: Tensor, out: Tensor, t: Tensor | None = None, u: Tensor | None = None,
+                row_peaks: tuple[Tensor, Tensor] | None = None, col_peaks: tuple[Tensor, Tensor] | None = None) -> None:
+    """out = (x * s + t + row peak) * a + u + column peak, s and t one value per pixel, a and u
+    one per (image, channel); a row peak (position, value) per pixel adds at that channel, a
+    column peak per (image, channel) at that pixel. Forward gives x, a and s only; backward all."""
+    n, m, k, per_pixel = _kept_shape(x, True, out)
+    per_channel = [n, k]
+    backward = (t, u, row_peaks, col_peaks)
+    if any(v is None for v in backward) and any(v is not None for v in backward):
+        raise ValueError("outer_scale takes t, u and both peaks together, or none of them")
+    operands = [_per(a, per_channel), _per(s, per_pixel)]
+    if t is not None:
+        operands += [_per(t, per_pixel), _per(u, per_channel), _positions(row_peaks[0], per_pixel, k),
+                     _per(row_peaks[1], per_pixel), _positions(col_peaks[0], per_channel, m), _per(col_peaks[1], per_channel)]
+    pointers = [v.data_ptr() for v in operands] + [None] * (8 - len(operands))
+    _library().outer_scale(x.data_ptr(), *pointers, n, m, k, out.data_ptr(), torch.get_num_threads())
 
 
 def conv_weight_grad(x: Tensor, dy: Tensor, kernel: int, stride: int, padding: int) -> Tensor:

@@ -181,6 +181,103 @@ void scale_rows(const float *a, int64_t n, int64_t m, int64_t k, int over_last, 
             for (int64_t j = 0; j < k; j++) out[(i * m + at[p][i * k + j]) * k + j] += add[p][i * k + j];
 }
 
+/* A channel gate, then a spatial gate on its output (CBAM), in three passes forward and three
+   back instead of four and four with y1 written out between them: x is channels_last, read as
+   (n, m pixels, k channels), a[n][k] the channel gate's scale and s[n][m] the spatial one's, so
+   y1 = x * a and y = y1 * s. */
+
+/* Per pixel, over the channels of y1 = x * a: the max with its first position and the sum. */
+void outer_pools(const float *x, const float *a, int64_t n, int64_t m, int64_t k, float *high, int64_t *at_high,
+                 double *total, int threads) {
+    int failed = 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        float *y1 = malloc(k * sizeof(float));
+        if (!y1) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < n * m; r++) {
+            if (!y1) continue;
+            const float *row = x + r * k, *scale = a + (r / m) * k;
+            float hi = row[0] * scale[0];
+            double sum = 0.0;
+            #pragma omp simd reduction(max : hi) reduction(+ : sum)
+            for (int64_t j = 0; j < k; j++) {
+                y1[j] = row[j] * scale[j];
+                hi = y1[j] > hi ? y1[j] : hi;
+                sum += y1[j];
+            }
+            high[r] = hi;
+            at_high[r] = first_equal(y1, k, hi);
+            total[r] = sum;
+        }
+        free(y1);
+    }
+    if (failed) abort();  /* k floats per thread: only an exhausted heap gets here */
+}
+
+/* Per pixel, over the channels: sum of dy * x * a, the gradient of the spatial scale s. */
+void outer_row_dots(const float *dy, const float *x, const float *a, int64_t n, int64_t m, int64_t k, double *out,
+                    int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < n * m; r++) {
+        const float *g = dy + r * k, *row = x + r * k, *scale = a + (r / m) * k;
+        double sum = 0.0;
+        #pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < k; j++) sum += (double)g[j] * row[j] * scale[j];
+        out[r] = sum;
+    }
+}
+
+/* Per image and channel, over the pixels: sum of dy1 * x, the gradient of the channel scale a,
+   where dy1 = dy * s[r] + t[r] plus peak[r] at channel at[r] is the gradient of y1 (t and the
+   peaks carry the spatial gate's mean and max pooling). */
+void outer_col_sums(const float *dy, const float *x, const float *s, const float *t, const int64_t *at,
+                    const float *peak, int64_t n, int64_t m, int64_t k, double *out, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        double *sum = out + i * k;
+        for (int64_t j = 0; j < k; j++) sum[j] = 0.0;
+        for (int64_t r = i * m; r < (i + 1) * m; r++) {
+            const float *g = dy + r * k, *row = x + r * k;
+            float sr = s[r], tr = t[r];
+            #pragma omp simd
+            for (int64_t j = 0; j < k; j++) sum[j] += (double)(g[j] * sr + tr) * row[j];
+            sum[at[r]] += (double)peak[r] * row[at[r]];
+        }
+    }
+}
+
+/* out = (x * s[r] + t[r] + row_peak[r] at channel row_at[r]) * a + u, then plus col_peak at pixel
+   col_at of each channel. Forward: x * s * a (t, u and the peaks NULL). Backward, from dy: the
+   gradient of y1 (as in outer_col_sums) times a, plus the channel gate's mean (u) and max
+   (col_peak) pooling gradients. */
+void outer_scale(const float *x, const float *a, const float *s, const float *t, const float *u,
+                 const int64_t *row_at, const float *row_peak, const int64_t *col_at, const float *col_peak,
+                 int64_t n, int64_t m, int64_t k, float *out, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < n * m; r++) {
+        const float *row = x + r * k, *scale = a + (r / m) * k;
+        float *y = out + r * k, sr = s[r];
+        if (t) {
+            const float *shift = u + (r / m) * k;
+            float tr = t[r];
+            #pragma omp simd
+            for (int64_t j = 0; j < k; j++) y[j] = (row[j] * sr + tr) * scale[j] + shift[j];
+            y[row_at[r]] += row_peak[r] * scale[row_at[r]];
+        } else {
+            #pragma omp simd
+            for (int64_t j = 0; j < k; j++) y[j] = row[j] * sr * scale[j];
+        }
+    }
+    if (!col_at) return;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < k; j++) out[(i * m + col_at[i * k + j]) * k + j] += col_peak[i * k + j];
+}
+
 /* Eight floats as one value, which GCC and clang map onto the widest vector registers they have
    (AVX's, or two SSE registers); memcpy is how an unaligned one is read or written. */
 typedef float v8 __attribute__((vector_size(32)));

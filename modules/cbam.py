@@ -4,7 +4,7 @@ import torch
 from torch import Tensor, nn
 
 from attnbench.models.conv import Conv2d
-from attnbench.pooling import gate
+from attnbench.pooling import channel_spatial_gate
 from attnbench.registry import register
 
 
@@ -37,8 +37,7 @@ class CBAMGate(nn.Module):
         return self.spatial_bn(self.spatial_conv(maps)).sigmoid_()
 
     def forward(self, x: Tensor) -> Tensor:
-        x1 = gate(x, ["mean", "max"], self.channel_attention)
-        return gate(x1, ["max", "mean"], self.spatial_attention, over="channels")
+        return channel_spatial_gate(x, ["mean", "max"], self.channel_attention, ["max", "mean"], self.spatial_attention)
 
 
 register("cbam", "CBAM: channel gate (avg+max pooling MLP) then 7x7 spatial gate", gate=CBAMGate)

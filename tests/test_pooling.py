@@ -193,6 +193,11 @@ def test_inputs_the_kernels_cannot_take_use_torch_ops() -> None:
     with pytest.raises(ValueError, match="peak positions"):
         a = torch.zeros(1, 3, 4)
         fused.scale_rows(a, False, torch.ones(1, 4), None, torch.empty_like(a), [(torch.full((1, 4), 3), torch.ones(1, 4))])
+    x, per_pixel, per_channel = torch.zeros(1, 3, 4), torch.ones(1, 3), torch.ones(1, 4)
+    with pytest.raises(ValueError, match="peak positions"):  # a channel index past the 4 channels
+        fused.outer_col_sums(x, x, per_pixel, per_pixel, torch.full((1, 3), 4), per_pixel)
+    with pytest.raises(ValueError, match="together"):  # a backward call with part of its operands
+        fused.outer_scale(x, per_channel, per_pixel, torch.empty_like(x), t=per_pixel)
 
 
 @pytest.mark.parametrize("over_last", [False, True])
@@ -256,3 +261,73 @@ def test_a_library_others_can_write_is_not_loaded(fresh_cache) -> None:
     fused.library.cache_clear()
     with pytest.warns(RuntimeWarning, match="not this user's alone"):
         assert fused.library() is None
+
+
+class TwoGates(nn.Module):
+    """A channel gate then a spatial gate, each a small function of its pools with parameters of
+    this module, as CBAM's are (the spatial one with a 3x3 conv over the pooled maps)."""
+
+    def __init__(self, channels: int, channel_pools: list[str], spatial_pools: list[str]):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.channel_weights = nn.Parameter(torch.randn(len(channel_pools), channels, 1, 1, generator=g))
+        self.spatial_conv = nn.Parameter(torch.randn(1, len(spatial_pools), 3, 3, generator=g) / 3)
+        self.channel_pools, self.spatial_pools = channel_pools, spatial_pools
+
+    def channel_attention(self, *pooled: torch.Tensor) -> torch.Tensor:
+        return sum(w * p for w, p in zip(self.channel_weights, pooled)).sigmoid()
+
+    def spatial_attention(self, *pooled: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(torch.cat(pooled, 1), self.spatial_conv, padding=1).sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pooling.channel_spatial_gate(x, self.channel_pools, self.channel_attention, self.spatial_pools,
+                                            self.spatial_attention)
+
+
+def _run_two_gates(x: torch.Tensor, channel_pools: list[str], spatial_pools: list[str], fused_path: bool, monkeypatch) -> tuple:
+    module = TwoGates(x.shape[1], channel_pools, spatial_pools)
+    with monkeypatch.context() as patch:
+        if not fused_path:
+            patch.setattr(pooling, "_fusable", lambda x: False)
+        x = x.detach().requires_grad_()
+        y = module(x)
+        y.backward(_distinct(tuple(y.shape), seed=2))
+    return y, x.grad, [p.grad for p in module.parameters()]
+
+
+@needs_kernels
+@pytest.mark.parametrize("channel_pools, spatial_pools", [(["mean", "max"], ["max", "mean"]), (["max"], ["mean"]),
+                                                          (["mean"], ["max"])], ids=str)
+@pytest.mark.parametrize("case", ["channels_last", "batch-1", "one-pixel"])
+def test_fused_channel_then_spatial_gate_matches_two_gates(channel_pools, spatial_pools, case, monkeypatch) -> None:
+    """One Function that never writes the channel gate's output, against the two gates as torch ops."""
+    x = _input(case)
+    y, dx, dparams = _run_two_gates(x, channel_pools, spatial_pools, True, monkeypatch)
+    assert type(y.grad_fn).__name__ == "_FusedChannelSpatialGateBackward"
+    y_ref, dx_ref, dparams_ref = _run_two_gates(x, channel_pools, spatial_pools, False, monkeypatch)
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    assert torch.allclose(dx, dx_ref, atol=1e-4) and dx.is_contiguous(memory_format=torch.channels_last)
+    for got, want in zip(dparams, dparams_ref):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("case, pools", [("nchw", ["mean", "max"]), ("channels_last", ["mean", "var"])])
+def test_channel_then_spatial_gate_is_two_gates_where_the_pair_does_not_fuse(case: str, pools: list[str], monkeypatch) -> None:
+    y, dx, _ = _run_two_gates(_input(case), pools, ["max"], True, monkeypatch)
+    assert type(y.grad_fn).__name__ == "_FusedGateBackward"  # the spatial gate's own fused Function
+    y_ref, dx_ref, _ = _run_two_gates(_input(case), pools, ["max"], False, monkeypatch)
+    assert torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(dx, dx_ref, atol=1e-4)
+
+
+class ShiftingTwoGates(TwoGates):
+    def spatial_attention(self, *pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = super().spatial_attention(*pooled)
+        return scale, scale
+
+
+@needs_kernels
+def test_fused_channel_then_spatial_gate_refuses_a_shift() -> None:
+    with pytest.raises(ValueError, match="scale only"):
+        ShiftingTwoGates(5, ["mean"], ["max"])(_input("channels_last"))
