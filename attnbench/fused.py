@@ -98,10 +98,12 @@ def library() -> ctypes.CDLL | None:
 
 def serves(x: Tensor) -> bool:
     """Whether the kernels can serve a training op on x: a plain dense non-empty 4-d float32 CPU
-    tensor with autograd on, outside compile, tracing and torch.func (whose transforms need
-    setup_context, which the Functions running a graph of their own inside cannot give), with
-    the kernels built. Off these, callers run the torch ops."""
+    tensor with autograd on, outside autocast (which picks each op's precision; the kernels are
+    float32), compile, tracing and torch.func (whose transforms need setup_context, which the
+    Functions running a graph of their own inside cannot give), with the kernels built. Off
+    these, callers run the torch ops."""
     return (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
             and type(x) is Tensor and x.layout == torch.strided and x.dim() == 4 and x.numel() > 0
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and not torch._C._functorch.is_functorch_wrapped_tensor(x) and library() is not None)

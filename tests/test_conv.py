@@ -129,6 +129,7 @@ NOT_SERVED = {  # case: (layer, input layout)
     "few-channels-even-kernel": (FEW_CHANNELS | dict(kernel_size=4, padding=2), torch.contiguous_format),
     "no-grad": (RESNET_CONV, CL),
     "frozen": (RESNET_CONV, CL),
+    "autocast": (RESNET_CONV, CL),  # bf16 convs: torch's, whose backward takes bf16 gradients
 }
 
 
@@ -139,10 +140,13 @@ def test_layer_is_nn_conv2d_where_the_kernels_do_not_apply(case: str) -> None:
     theirs.load_state_dict(ours.state_dict())
     ours.weight.requires_grad_(case != "frozen")
     x = torch.randn(2, args["in_channels"], 6, 6).to(memory_format=layout).requires_grad_()
-    with torch.set_grad_enabled(case != "no-grad"):
+    with torch.set_grad_enabled(case != "no-grad"), torch.autocast("cpu", torch.bfloat16, enabled=case == "autocast"):
         y = ours.to(memory_format=layout)(x)
         assert torch.equal(y, theirs.to(memory_format=layout)(x))
     assert y.grad_fn is None if case == "no-grad" else type(y.grad_fn).__name__ == "ConvolutionBackward0"
+    if y.grad_fn is not None:
+        y.float().sum().backward()
+        assert x.grad is not None and x.grad.shape == x.shape
 
 
 @needs_kernels
