@@ -85,7 +85,7 @@ def library() -> ctypes.CDLL | None:
         lib.sums.argtypes = [p, p, i64, i64, i64, i32, p, p, i32]
         lib.extremes.argtypes = [p, i64, i64, i64, i32, p, p, p, p, p, i32]
         lib.scale_rows.argtypes = [p, i64, i64, i64, i32, p, p, p, p, i32, p, p, p, i32]
-        lib.conv_weight_grad.argtypes = [p, p, p, *[i64] * 11, i32]
+        lib.conv_weight_grad.argtypes = [p, p, p, *[i64] * 10, i32]
         lib.conv_same.argtypes = lib.conv_same_weight_grad.argtypes = [p, p, p, *[i64] * 6, i32]
         lib.outer_pools.argtypes = [p, p, i64, i64, i64, p, p, p, i32]
         lib.outer_row_dots.argtypes = [p, p, p, i64, i64, i64, p, i32]
@@ -264,8 +264,8 @@ def conv_weight_grad(x: Tensor, dy: Tensor, kernel: int, stride: int, padding: i
                          f"channels a multiple of 16) maps {tuple(x.shape)} to {tuple(dy.shape)}")
     cout = dy.shape[1]
     dw = torch.empty(cout, kernel, kernel, cin)
-    if _library().conv_weight_grad(x.data_ptr(), dy.data_ptr(), dw.data_ptr(), n, h, w, cin, cout, kernel, kernel,
-                                   stride, padding, ho, wo, torch.get_num_threads()):
+    if _library().conv_weight_grad(x.data_ptr(), dy.data_ptr(), dw.data_ptr(), n, h, w, cin, cout, kernel, stride,
+                                   padding, ho, wo, torch.get_num_threads()):
         raise MemoryError("conv_weight_grad: out of memory for its per-thread sums")
     return dw.permute(0, 3, 1, 2)
 

@@ -324,153 +324,149 @@ static inline __attribute__((always_inline)) void weight_grad_tile(
     }
 }
 
-/* dw = the sum of the threads' `size`-float gradients in part, in thread order; frees part. */
-static int add_parts(float *part, float *dw, int64_t size, int threads, int failed) {
-    if (!failed)
+/* A convolution's operands, for the per-image functions below: input x (n, h, w, cin) channels_last
+   or (n, cin, h, w) NCHW, output or output gradient g, weight wt, output size ho x wo. */
+struct conv {
+    const float *x, *g, *wt;
+    float *out;
+    int64_t h, w, cin, cout, k, stride, pad, ho, wo;
+};
+
+typedef void (*image_work)(const struct conv *c, int64_t b, float *scratch, float *sums);
+
+/* work(c, b, scratch, sums) for each of the n images, on `threads` OpenMP threads. Each thread
+   has a zeroed scratch of `scratch` floats (a padded image, whose border the work leaves zero)
+   and, if `size`, sums of its own of that many floats, which are then added in thread order
+   (zeros for a thread OpenMP did not start) into `out`, so the result does not depend on timing.
+   Returns 0, or -1 when memory runs out. */
+static int over_images(const struct conv *c, int64_t n, int threads, int64_t scratch, int64_t size, float *out,
+                       image_work work) {
+    float *part = size ? calloc((size_t)(threads * size), sizeof(float)) : NULL;
+    if (size && !part) return -1;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        float *img = calloc((size_t)scratch, sizeof(float));
+        float *mine = part ? part + omp_get_thread_num() * size : NULL;
+        if (!img) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < n; b++)
+            if (img) work(c, b, img, mine);
+        free(img);
+    }
+    if (part && !failed)
         for (int64_t e = 0; e < size; e++) {
             float s = 0.0f;
             for (int t = 0; t < threads; t++) s += part[t * size + e];
-            dw[e] = s;
+            out[e] = s;
         }
     free(part);
     return failed ? -1 : 0;
 }
 
-/* The weight gradient of a convolution with zero padding, dw (cout, kh, kw, cin), from its input
-   x (n, h, w, cin) and output gradient g (n, ho, wo, cout), all channels_last and contiguous, cin
-   a multiple of 16. Each thread copies its images one at a time into a zero-bordered scratch
-   image, so every tap is a fixed offset in it, and sums into a gradient of its own; the threads'
-   gradients (zeros for a thread OpenMP did not start) are added in thread order, so the result
-   does not depend on timing. Returns 0, or -1
-   when memory runs out. */
-int conv_weight_grad(const float *x, const float *g, float *dw, int64_t n, int64_t h, int64_t w, int64_t cin,
-                     int64_t cout, int64_t kh, int64_t kw, int64_t stride, int64_t pad, int64_t ho, int64_t wo,
-                     int threads) {
-    int64_t hp = h + 2 * pad, wp = w + 2 * pad, size = cout * kh * kw * cin;
-    float *part = calloc((size_t)(threads * size), sizeof(float));
-    if (!part) return -1;
-    int failed = 0;
-    #pragma omp parallel num_threads(threads)
-    {
-        float *mine = part + omp_get_thread_num() * size;
-        float *img = calloc((size_t)(hp * wp * cin), sizeof(float));
-        if (!img) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp for schedule(static)
-        for (int64_t b = 0; b < n; b++) {
-            if (!img) continue;
-            for (int64_t i = 0; i < h; i++)
-                memcpy(img + ((i + pad) * wp + pad) * cin, x + (b * h + i) * w * cin, (size_t)(w * cin) * sizeof(float));
-            /* A band of output rows at a time, so that its gradient and input rows stay in L1. */
-            int64_t band = 2048 / (wo * cout) > 1 ? 2048 / (wo * cout) : 1;
-            for (int64_t i0 = 0; i0 < ho; i0 += band) {
-            int64_t rows_here = ho - i0 < band ? ho - i0 : band;
-            const float *gb = g + (b * ho + i0) * wo * cout, *xb = img + i0 * stride * wp * cin;
-            for (int64_t ky = 0; ky < kh; ky++)
-            for (int64_t kx = 0; kx < kw; kx++)
-            for (int64_t co = 0; co < cout; co += TILE_ROWS)
-            for (int64_t ci = 0; ci < cin; ci += 16) {
-                const float *tap = xb + (ky * wp + kx) * cin + ci;
-                float *d = mine + ((co * kh + ky) * kw + kx) * cin + ci;
-                #define TILE(rows) weight_grad_tile(rows, gb + co, cout, tap, rows_here, wo, stride * wp * cin, \
-                                                    stride * cin, d, kh * kw * cin)
-                switch (cout - co < TILE_ROWS ? cout - co : TILE_ROWS) {
-                case 6: TILE(6); break;
-                case 5: TILE(5); break;
-                case 4: TILE(4); break;
-                case 3: TILE(3); break;
-                case 2: TILE(2); break;
-                default: TILE(1);
-                }
-                #undef TILE
-            }
-            }
-        }
-        free(img);
+static void weight_grad_image(const struct conv *c, int64_t b, float *img, float *dw) {
+    int64_t cin = c->cin, cout = c->cout, k = c->k, wp = c->w + 2 * c->pad, s = c->stride;
+    for (int64_t i = 0; i < c->h; i++)
+        memcpy(img + ((i + c->pad) * wp + c->pad) * cin, c->x + (b * c->h + i) * c->w * cin,
+               (size_t)(c->w * cin) * sizeof(float));
+    /* A band of output rows at a time, so that its gradient and input rows stay in L1. */
+    int64_t band = 2048 / (c->wo * cout) > 1 ? 2048 / (c->wo * cout) : 1;
+    for (int64_t i0 = 0; i0 < c->ho; i0 += band) {
+        int64_t rows_here = c->ho - i0 < band ? c->ho - i0 : band;
+        const float *gb = c->g + (b * c->ho + i0) * c->wo * cout, *xb = img + i0 * s * wp * cin;
+        for (int64_t ky = 0; ky < k; ky++)
+            for (int64_t kx = 0; kx < k; kx++)
+                for (int64_t co = 0; co < cout; co += TILE_ROWS)
+                    for (int64_t ci = 0; ci < cin; ci += 16) {
+                        const float *tap = xb + (ky * wp + kx) * cin + ci;
+                        float *d = dw + ((co * k + ky) * k + kx) * cin + ci;
+                        #define TILE(rows) weight_grad_tile(rows, gb + co, cout, tap, rows_here, c->wo, s * wp * cin, \
+                                                            s * cin, d, k * k * cin)
+                        switch (cout - co < TILE_ROWS ? cout - co : TILE_ROWS) {
+                        case 6: TILE(6); break;
+                        case 5: TILE(5); break;
+                        case 4: TILE(4); break;
+                        case 3: TILE(3); break;
+                        case 2: TILE(2); break;
+                        default: TILE(1);
+                        }
+                        #undef TILE
+                    }
     }
-    return add_parts(part, dw, size, threads, failed);
 }
 
-/* out (n, cout, h, w) = x (n, cin, h, w) convolved with w (cout, cin, k, k), zero padding k/2,
+/* The weight gradient of a square convolution with zero padding, dw (cout, k, k, cin), from its
+   input x (n, h, w, cin) and output gradient g (n, ho, wo, cout), all channels_last and
+   contiguous, cin a multiple of 16. Each image is copied into a zero-bordered scratch, so every
+   tap is a fixed offset in it. Returns 0, or -1 when memory runs out. */
+int conv_weight_grad(const float *x, const float *g, float *dw, int64_t n, int64_t h, int64_t w, int64_t cin,
+                     int64_t cout, int64_t k, int64_t stride, int64_t pad, int64_t ho, int64_t wo, int threads) {
+    struct conv c = {x, g, NULL, dw, h, w, cin, cout, k, stride, pad, ho, wo};
+    return over_images(&c, n, threads, (h + 2 * pad) * (w + 2 * pad) * cin, cout * k * k * cin, dw, weight_grad_image);
+}
+
+/* Image b's planes (cin, h, w) into the middle of a scratch whose zero border of pad never changes. */
+static void pad_planes(const struct conv *c, int64_t b, float *img) {
+    int64_t hp = c->h + 2 * c->pad, wp = c->w + 2 * c->pad;
+    for (int64_t ch = 0; ch < c->cin; ch++)
+        for (int64_t i = 0; i < c->h; i++)
+            memcpy(img + (ch * hp + i + c->pad) * wp + c->pad, c->x + ((b * c->cin + ch) * c->h + i) * c->w,
+                   (size_t)c->w * sizeof(float));
+}
+
+static void same_image(const struct conv *c, int64_t b, float *img, float *unused) {
+    (void)unused;
+    int64_t hp = c->h + 2 * c->pad, wp = c->w + 2 * c->pad, k = c->k, w = c->w;
+    pad_planes(c, b, img);
+    for (int64_t co = 0; co < c->cout; co++)
+        for (int64_t i = 0; i < c->h; i++) {
+            float *row = c->out + ((b * c->cout + co) * c->h + i) * w;
+            for (int64_t j = 0; j < w; j++) row[j] = 0.0f;
+            for (int64_t ch = 0; ch < c->cin; ch++)
+                for (int64_t ky = 0; ky < k; ky++)
+                    for (int64_t kx = 0; kx < k; kx++) {
+                        const float *src = img + (ch * hp + i + ky) * wp + kx;
+                        float wv = c->wt[((co * c->cin + ch) * k + ky) * k + kx];
+                        #pragma omp simd
+                        for (int64_t j = 0; j < w; j++) row[j] += wv * src[j];
+                    }
+        }
+}
+
+/* out (n, cout, h, w) = x (n, cin, h, w) convolved with wt (cout, cin, k, k), zero padding k/2,
    stride 1, all NCHW and contiguous, k odd: a direct loop for convs with a handful of channels,
    such as CBAM's 7x7 from 2 maps to 1, which oneDNN runs at a few percent of the CPU's peak. It
-   also gives the input gradient: dx = conv_same(dy, w flipped and with cin and cout swapped).
-   Each image's planes are copied into a zero-bordered scratch, so the inner loop has no bounds. */
+   also gives the input gradient: dx = conv_same(dy, wt flipped and with cin and cout swapped). */
 int conv_same(const float *x, const float *wt, float *out, int64_t n, int64_t cin, int64_t cout, int64_t h,
               int64_t w, int64_t k, int threads) {
-    int64_t p = k / 2, hp = h + 2 * p, wp = w + 2 * p;
-    int failed = 0;
-    #pragma omp parallel num_threads(threads)
-    {
-        float *img = calloc((size_t)(cin * hp * wp), sizeof(float));
-        if (!img) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp for schedule(static)
-        for (int64_t b = 0; b < n; b++) {
-            if (!img) continue;
-            for (int64_t c = 0; c < cin; c++)
-                for (int64_t i = 0; i < h; i++)
-                    memcpy(img + (c * hp + i + p) * wp + p, x + ((b * cin + c) * h + i) * w, (size_t)w * sizeof(float));
-            for (int64_t co = 0; co < cout; co++)
-                for (int64_t i = 0; i < h; i++) {
-                    float *row = out + ((b * cout + co) * h + i) * w;
-                    for (int64_t j = 0; j < w; j++) row[j] = 0.0f;
-                    for (int64_t c = 0; c < cin; c++)
-                        for (int64_t ky = 0; ky < k; ky++)
-                            for (int64_t kx = 0; kx < k; kx++) {
-                                const float *src = img + (c * hp + i + ky) * wp + kx;
-                                float wv = wt[((co * cin + c) * k + ky) * k + kx];
-                                #pragma omp simd
-                                for (int64_t j = 0; j < w; j++) row[j] += wv * src[j];
-                            }
-                }
-        }
-        free(img);
-    }
-    return failed ? -1 : 0;
+    struct conv c = {x, NULL, wt, out, h, w, cin, cout, k, 1, k / 2, h, w};
+    return over_images(&c, n, threads, cin * (h + k - 1) * (w + k - 1), 0, NULL, same_image);
 }
 
-/* The weight gradient dw (cout, cin, k, k) of conv_same, from x and the output gradient dy, with
-   per-thread sums added in thread order, as conv_weight_grad does. */
+static void same_weight_grad_image(const struct conv *c, int64_t b, float *img, float *dw) {
+    int64_t hp = c->h + 2 * c->pad, wp = c->w + 2 * c->pad, k = c->k, w = c->w;
+    pad_planes(c, b, img);
+    for (int64_t co = 0; co < c->cout; co++)
+        for (int64_t ch = 0; ch < c->cin; ch++)
+            for (int64_t ky = 0; ky < k; ky++)
+                for (int64_t kx = 0; kx < k; kx++) {
+                    float s = 0.0f;
+                    for (int64_t i = 0; i < c->h; i++) {
+                        const float *g = c->g + ((b * c->cout + co) * c->h + i) * w;
+                        const float *src = img + (ch * hp + i + ky) * wp + kx;
+                        #pragma omp simd reduction(+ : s)
+                        for (int64_t j = 0; j < w; j++) s += g[j] * src[j];
+                    }
+                    dw[((co * c->cin + ch) * k + ky) * k + kx] += s;
+                }
+}
+
+/* The weight gradient dw (cout, cin, k, k) of conv_same, from x and the output gradient dy. */
 int conv_same_weight_grad(const float *x, const float *dy, float *dw, int64_t n, int64_t cin, int64_t cout,
                           int64_t h, int64_t w, int64_t k, int threads) {
-    int64_t p = k / 2, hp = h + 2 * p, wp = w + 2 * p, size = cout * cin * k * k;
-    float *part = calloc((size_t)(threads * size), sizeof(float));
-    if (!part) return -1;
-    int failed = 0;
-    #pragma omp parallel num_threads(threads)
-    {
-        float *mine = part + omp_get_thread_num() * size;
-        float *img = calloc((size_t)(cin * hp * wp), sizeof(float));
-        if (!img) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp for schedule(static)
-        for (int64_t b = 0; b < n; b++) {
-            if (!img) continue;
-            for (int64_t c = 0; c < cin; c++)
-                for (int64_t i = 0; i < h; i++)
-                    memcpy(img + (c * hp + i + p) * wp + p, x + ((b * cin + c) * h + i) * w, (size_t)w * sizeof(float));
-            for (int64_t co = 0; co < cout; co++)
-                for (int64_t c = 0; c < cin; c++)
-                    for (int64_t ky = 0; ky < k; ky++)
-                        for (int64_t kx = 0; kx < k; kx++) {
-                            float s = 0.0f;
-                            for (int64_t i = 0; i < h; i++) {
-                                const float *g = dy + ((b * cout + co) * h + i) * w;
-                                const float *src = img + (c * hp + i + ky) * wp + kx;
-                                #pragma omp simd reduction(+ : s)
-                                for (int64_t j = 0; j < w; j++) s += g[j] * src[j];
-                            }
-                            mine[((co * cin + c) * k + ky) * k + kx] += s;
-                        }
-        }
-        free(img);
-    }
-    return add_parts(part, dw, size, threads, failed);
+    struct conv c = {x, dy, NULL, dw, h, w, cin, cout, k, 1, k / 2, h, w};
+    return over_images(&c, n, threads, cin * (h + k - 1) * (w + k - 1), cout * cin * k * k, dw, same_weight_grad_image);
 }
