@@ -1,12 +1,13 @@
-"""The CPU kernels in C (kernels.c) of the gates and the convolutions' weight gradient,
-compiled on first use and called through ctypes.
+"""The CPU kernels in C (kernels.c) of the gates and of two kinds of convolution, compiled on
+first use and called through ctypes.
 
 Why C: eager PyTorch has no op that sums a product without writing the product out first, and
 none that finds a max and a min with their positions in one read. On a 2-core CPU, where a
 gate's cost is its passes over memory, those extra passes made a first-stage ResNet-164 block
-with a gate cost 1.16x (SE) to 1.83x (CBAM) a plain one. And oneDNN computes the weight gradient
-of the CIFAR ResNets' 3x3 convs at about 40% of the AVX2 peak, 1.4-1.9x the time kernels.c takes. The file is plain C (no torch headers),
-so it builds with the system C compiler in well under a second, and the library goes to the
+with a gate cost 1.16x (SE) to 1.83x (CBAM) a plain one. oneDNN computes the weight gradient of
+the CIFAR ResNets' 3x3 convs in 1.2-1.4x the time kernels.c takes, and a conv with a handful of
+channels (CBAM's 7x7 from 2 maps to 1) in 2.8x. The file is plain C (no torch headers), so it
+builds with the system C compiler in well under a second, and the library goes to the
 user's cache under a name that hashes the source, the compiler and its flags. Without a C
 compiler, or off the CPU, callers use torch ops instead (library() returns None and warns once).
 """
@@ -96,28 +97,30 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def serves(x: Tensor) -> bool:
-    """Whether the kernels can serve a training op on x: a plain dense non-empty 4-d float32 CPU
-    tensor with autograd on, outside autocast (which picks each op's precision; the kernels are
-    float32), compile, tracing and torch.func (whose transforms need setup_context, which the
-    Functions running a graph of their own inside cannot give), with the kernels built. Off
-    these, callers run the torch ops."""
-    return (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
-            and type(x) is Tensor and x.layout == torch.strided and x.dim() == 4 and x.numel() > 0
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(x) and library() is not None)
+def serves(*tensors: Tensor) -> bool:
+    """Whether the kernels can serve a training op on these tensors (an input, and a weight if
+    the op has one): plain dense non-empty 4-d float32 CPU tensors (or parameters) with autograd
+    on, outside autocast (which picks each op's precision; the kernels are float32), compile,
+    tracing and torch.func (whose transforms need setup_context, which the Functions running a
+    graph of their own inside cannot give), with the kernels built. Off these, callers run the
+    torch ops. Forward-mode AD (torch.autograd.forward_ad) is not detected: it raises."""
+    return (torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing() and all(
+                type(t) in (Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
+                and t.layout == torch.strided and t.dim() == 4 and t.numel() > 0
+                and not torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+            and library() is not None)
 
 
 def _library() -> ctypes.CDLL:
     lib = library()
     if lib is None:
-        raise RuntimeError("the CPU gate kernels are not available here (see the warning above); use the torch ops")
+        raise RuntimeError("the CPU kernels are not available here (see the warning above); use the torch ops")
     return lib
 
 
 def _fall_back(why: str) -> None:
-    warnings.warn(f"attnbench: CPU gate kernels unavailable, {why}; gates use torch ops, which train slower on the CPU",
+    warnings.warn(f"attnbench: CPU kernels unavailable, {why}; gates and convs use torch ops, which train slower on the CPU",
                   RuntimeWarning, stacklevel=3)
     return None
 
@@ -205,7 +208,8 @@ def outer_pools(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per pixel, over the channels of x * a in one read: (max, its first position, float64 sum)."""
     n, m, k, per_pixel = _kept_shape(x, True)
     a = _per(a, [n, k])  # every operand stays bound to a name until the call returns: a temporary's memory would be freed
-    high, at, total = torch.empty(per_pixel), torch.empty(per_pixel, dtype=torch.long), torch.empty(per_pixel, dtype=torch.float64)
+    high, at = torch.empty(per_pixel), torch.empty(per_pixel, dtype=torch.long)
+    total = torch.empty(per_pixel, dtype=torch.float64)
     _library().outer_pools(x.data_ptr(), a.data_ptr(), n, m, k, high.data_ptr(), at.data_ptr(), total.data_ptr(),
                            torch.get_num_threads())
     return high, at, total
@@ -242,10 +246,19 @@ def outer_scale(x: Tensor, a: Tensor, s: Tensor, out: Tensor, t: Tensor | None =
         raise ValueError("outer_scale takes t, u and both peaks together, or none of them")
     operands = [_per(a, per_channel), _per(s, per_pixel)]
     if t is not None:
-        operands += [_per(t, per_pixel), _per(u, per_channel), _positions(row_peaks[0], per_pixel, k),
-                     _per(row_peaks[1], per_pixel), _positions(col_peaks[0], per_channel, m), _per(col_peaks[1], per_channel)]
+        operands += [_per(t, per_pixel), _per(u, per_channel),
+                     _positions(row_peaks[0], per_pixel, k), _per(row_peaks[1], per_pixel),
+                     _positions(col_peaks[0], per_channel, m), _per(col_peaks[1], per_channel)]
     pointers = [v.data_ptr() for v in operands] + [None] * (8 - len(operands))
     _library().outer_scale(x.data_ptr(), *pointers, n, m, k, out.data_ptr(), torch.get_num_threads())
+
+
+def _dense(layout: torch.memory_format, *tensors: Tensor) -> None:
+    """The conv kernels index 4-d float32 CPU memory directly: anything else is refused."""
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4 or not t.is_contiguous(memory_format=layout):
+            name = "channels_last" if layout == torch.channels_last else "contiguous NCHW"
+            raise ValueError(f"this conv kernel takes {name} float32 CPU tensors, got {t.dtype} {tuple(t.shape)}")
 
 
 def conv_weight_grad(x: Tensor, dy: Tensor, kernel: int, stride: int, padding: int) -> Tensor:
@@ -253,12 +266,10 @@ def conv_weight_grad(x: Tensor, dy: Tensor, kernel: int, stride: int, padding: i
     groups 1 and dilation 1, from its input x (N, cin, H, W) and output gradient dy, both float32
     CPU tensors contiguous in channels_last, cin a multiple of 16. The result is channels_last,
     as such a conv's weight is."""
+    _dense(torch.channels_last, x, dy)
     n, cin, h, w = x.shape
     ho, wo = ((size + 2 * padding - kernel) // stride + 1 for size in (h, w))
-    for t in (x, dy):
-        if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4 or not t.is_contiguous(memory_format=torch.channels_last):
-            raise ValueError(f"conv_weight_grad takes channels_last float32 CPU tensors, got {t.dtype} {tuple(t.shape)}")
-    if cin % 16 or kernel < 1 or stride < 1 or padding < 0 or min(n, ho, wo) < 1 or dy.shape[0] != n \
+    if cin % 16 or kernel < 1 or stride < 1 or padding < 0 or min(n, ho, wo, dy.shape[1]) < 1 or dy.shape[0] != n \
             or tuple(dy.shape[2:]) != (ho, wo):
         raise ValueError(f"conv_weight_grad: no {kernel}x{kernel} conv (stride {stride}, padding {padding}, input "
                          f"channels a multiple of 16) maps {tuple(x.shape)} to {tuple(dy.shape)}")
@@ -270,17 +281,11 @@ def conv_weight_grad(x: Tensor, dy: Tensor, kernel: int, stride: int, padding: i
     return dw.permute(0, 3, 1, 2)
 
 
-def _planar(*tensors: Tensor) -> None:
-    for t in tensors:
-        if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4 or not t.is_contiguous():
-            raise ValueError(f"the direct conv takes contiguous NCHW float32 CPU tensors, got {t.dtype} {tuple(t.shape)}")
-
-
 def conv_same(x: Tensor, weight: Tensor) -> Tensor:
     """x (N, cin, H, W) convolved with weight (cout, cin, k, k), k odd, zero padding k // 2, stride
     1: a direct loop for convs with a few channels, which oneDNN runs slowly (CBAM's 7x7 from 2
-    maps to 1: 10.7 ms forward and backward at (128, 2, 32, 32), against about 1 ms here)."""
-    _planar(x, weight)
+    maps to 1: 10.7 ms forward and backward at (128, 2, 32, 32), 3.9 ms here)."""
+    _dense(torch.contiguous_format, x, weight)
     n, cin, h, w = x.shape
     cout, wcin, k, k2 = weight.shape
     if wcin != cin or k != k2 or k % 2 == 0 or min(n, h, w, cout) < 1:
@@ -295,10 +300,11 @@ def conv_same(x: Tensor, weight: Tensor) -> Tensor:
 def conv_same_weight_grad(x: Tensor, dy: Tensor, kernel: int) -> Tensor:
     """The weight gradient (cout, cin, kernel, kernel) of conv_same from its input x and the
     gradient dy of its output."""
-    _planar(x, dy)
+    _dense(torch.contiguous_format, x, dy)
     n, cin, h, w = x.shape
-    if kernel % 2 == 0 or kernel < 1 or dy.shape[0] != n or dy.shape[2:] != x.shape[2:] or min(x.shape) < 1:
-        raise ValueError(f"conv_same_weight_grad: no {kernel}x{kernel} same-size conv maps {tuple(x.shape)} to {tuple(dy.shape)}")
+    if kernel % 2 == 0 or kernel < 1 or dy.shape[0] != n or dy.shape[2:] != x.shape[2:] or min(*x.shape, *dy.shape) < 1:
+        raise ValueError(f"conv_same_weight_grad: no {kernel}x{kernel} same-size conv maps {tuple(x.shape)} "
+                         f"to {tuple(dy.shape)}")
     dw = torch.empty(dy.shape[1], cin, kernel, kernel)
     if _library().conv_same_weight_grad(x.data_ptr(), dy.data_ptr(), dw.data_ptr(), n, cin, dy.shape[1], h, w, kernel,
                                         torch.get_num_threads()):

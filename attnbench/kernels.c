@@ -1,11 +1,12 @@
 /* The CPU passes that eager PyTorch can only make as two or three, or makes slowly.
 
-   Gates: every function but conv_weight_grad reads a contiguous float32 array as (n, m, k) and
-   reduces either the middle dim (results per (n, k)) or the last dim (results per (n, m)), or
-   broadcasts along one of them. A channels_last activation is (N, H*W, C) and an NCHW one
-   (N, C, H*W), so pooling over pixels or over channels is one of the two in either layout.
-   Convolutions: conv_weight_grad, the weight gradient, which oneDNN runs at about 40% of the
-   AVX2 peak on the CIFAR ResNets' 16-64 channel convs.
+   Gates: the functions up to outer_scale read a contiguous float32 array as (n, m, k) and reduce
+   either the middle dim (results per (n, k)) or the last dim (results per (n, m)), or broadcast
+   along one of them. A channels_last activation is (N, H*W, C) and an NCHW one (N, C, H*W), so
+   pooling over pixels or over channels is one of the two in either layout.
+   Convolutions: conv_weight_grad, the weight gradient of the CIFAR ResNets' 16-64 channel convs,
+   which oneDNN computes in 1.2-1.4x the time; conv_same and conv_same_weight_grad, a direct
+   loop for convs with a handful of channels, where oneDNN is slower still.
 
    attnbench/fused.py compiles this file and calls it through ctypes. Sums accumulate in double,
    except the convolution's (in float, as oneDNN's). Loops run on the OpenMP threads of the

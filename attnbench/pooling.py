@@ -62,8 +62,9 @@ def channel_spatial_gate(x: Tensor, channel_pools: Sequence[str], channel_attent
     channels_last x and pools from "mean" and "max", the pair runs as one Function that never
     writes the channel gate's output: three passes over x forward and three back, where two
     gates make four and four (CBAM's gate step at ResNet-164's first stage: 32 ms as two gates)."""
-    if _fusable(x) and x.is_contiguous(memory_format=torch.channels_last) and all(
-            pools and set(pools) <= {"mean", "max"} and len(set(pools)) == len(pools) for pools in (channel_pools, spatial_pools)):
+    pairs_fuse = all(pools and set(pools) <= {"mean", "max"} and len(set(pools)) == len(pools)
+                     for pools in (channel_pools, spatial_pools))
+    if pairs_fuse and _fusable(x) and x.is_contiguous(memory_format=torch.channels_last):
         params = {id(p): p for a in (channel_attention, spatial_attention) for p in _trained(a, None)}
         return _FusedChannelSpatialGate.apply(x, tuple(channel_pools), channel_attention, tuple(spatial_pools),
                                               spatial_attention, *params.values())
@@ -257,7 +258,8 @@ class _FusedChannelSpatialGate(torch.autograd.Function):
                           (n, 1, h, w), params)
         if len(channel[1]) != 1 or len(spatial[1]) != 1:
             raise ValueError("channel_spatial_gate's attentions return a scale only; for a shift use two gate() calls")
-        ctx.graph, ctx.positions, ctx.pools, ctx.params = (channel, spatial), (at_high, at_c), (channel_pools, spatial_pools), params
+        ctx.graph, ctx.positions = (channel, spatial), (at_high, at_c)
+        ctx.pools, ctx.params = (channel_pools, spatial_pools), params
         ctx.save_for_backward(x)
         y = torch.empty_like(x)
         fused.outer_scale(rows, channel[1][0], spatial[1][0], _rows(y, torch.channels_last, "pixels")[0])

@@ -12,6 +12,7 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 from attnbench import fused, pooling, registry
 from attnbench.train import keep_freed_memory
+from conftest import onednn_weight_grad
 
 SHAPE = (128, 256, 8, 8)  # ResNet-164 stage 3 at batch 128
 
@@ -62,10 +63,6 @@ def test_conv_weight_grad(benchmark: BenchmarkFixture, path: str, channels: int,
     """A CIFAR ResNet 3x3 conv's weight gradient at batch 128: attnbench.models.conv's C kernel
     side by side with oneDNN's, which the layer replaces."""
     x, dy = (torch.randn(128, channels, size, size).to(memory_format=torch.channels_last) for _ in range(2))
-    weight = torch.randn(channels, channels, 3, 3).to(memory_format=torch.channels_last)
-    if path == "kernels.c":
-        grad = benchmark(fused.conv_weight_grad, x, dy, 3, 1, 1)
-    else:
-        grad = benchmark(lambda: torch.ops.aten.convolution_backward(dy, x, weight, None, [1, 1], [1, 1], [1, 1], False,
-                                                                     [0, 0], 1, [False, True, False])[1])
-    assert grad.shape == weight.shape
+    weight_grad = fused.conv_weight_grad if path == "kernels.c" else onednn_weight_grad
+    args = (x, dy, 3, 1, 1) if path == "kernels.c" else (x, dy, (channels, channels, 3, 3), 1, 1)
+    assert benchmark(weight_grad, *args).shape == (channels, channels, 3, 3)

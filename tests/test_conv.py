@@ -11,16 +11,10 @@ from torch import nn
 from attnbench import fused
 from attnbench.models import build_model
 from attnbench.models.conv import Conv2d
-from conftest import needs_kernels
+from conftest import needs_kernels, onednn_weight_grad
 
 pytestmark = pytest.mark.usefixtures("kernels_built_unless_turned_off")
 CL = torch.channels_last
-
-
-def _onednn_weight_grad(x: torch.Tensor, dy: torch.Tensor, weight_shape: tuple, stride: int, padding: int) -> torch.Tensor:
-    weight = torch.zeros(weight_shape).to(memory_format=CL)
-    return torch.ops.aten.convolution_backward(dy, x, weight, None, [stride] * 2, [padding] * 2, [1, 1], False,
-                                               [0, 0], 1, [False, True, False])[1]
 
 
 @needs_kernels
@@ -37,7 +31,7 @@ def test_weight_grad_equals_onednn(cin, cout, kernel, stride, padding, h, w) -> 
     ho, wo = ((size + 2 * padding - kernel) // stride + 1 for size in (h, w))
     dy = torch.randn(3, cout, ho, wo, generator=g).to(memory_format=CL)
     got = fused.conv_weight_grad(x, dy, kernel, stride, padding)
-    want = _onednn_weight_grad(x, dy, (cout, cin, kernel, kernel), stride, padding)
+    want = onednn_weight_grad(x, dy, (cout, cin, kernel, kernel), stride, padding)
     assert got.shape == want.shape and got.is_contiguous(memory_format=CL)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert torch.equal(got, fused.conv_weight_grad(x, dy, kernel, stride, padding))  # same sum order every time
@@ -50,6 +44,7 @@ def test_weight_grad_equals_onednn(cin, cout, kernel, stride, padding, h, w) -> 
     (dict(dy=torch.randn(2, 4, 3, 4).to(memory_format=CL)), "maps"),                      # wrong output size
     (dict(dy=torch.randn(3, 4, 4, 4).to(memory_format=CL)), "maps"),                      # wrong batch
     (dict(x=torch.randn(2, 16, 4, 4, dtype=torch.float64).to(memory_format=CL)), "float32"),
+    (dict(dy=torch.randn(2, 0, 4, 4).to(memory_format=CL)), "maps"),                      # no output channel
 ])
 def test_weight_grad_refuses_what_the_kernel_cannot_take(bad: dict, message: str) -> None:
     args = dict(x=torch.randn(2, 16, 4, 4).to(memory_format=CL), dy=torch.randn(2, 4, 4, 4).to(memory_format=CL))
@@ -158,9 +153,18 @@ def test_second_derivative_is_refused_not_wrong() -> None:
         dw.sum().backward()
 
 
-def test_models_build_with_it_and_keep_nn_conv2d_state() -> None:
+def test_the_resnets_build_their_convs_with_it() -> None:
     model = build_model("none", 20, 10, "resnet", "basic")
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(isinstance(m, Conv2d) for m in convs)
-    plain = {k: v.shape for k, v in model.state_dict().items()}
-    assert all(f"{name}.weight" in plain for name, m in model.named_modules() if isinstance(m, nn.Conv2d))
+
+
+def test_a_weight_from_torch_func_takes_torch_ops() -> None:
+    """functional_call hands the layer wrapped parameters: the C paths' Functions cannot run under
+    torch.func's transforms, so the layer must notice the weight, not only the input."""
+    layer = Conv2d(16, 8, 3, padding=1).to(memory_format=CL)
+    x = torch.randn(2, 16, 5, 5).to(memory_format=CL)
+    grads = torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x,)).square().sum())(dict(layer.named_parameters()))
+    weight = layer.weight.detach().requires_grad_()
+    (want,) = torch.autograd.grad(F.conv2d(x, weight, layer.bias, padding=1).square().sum(), [weight])
+    torch.testing.assert_close(grads["weight"], want, rtol=1e-4, atol=1e-4)

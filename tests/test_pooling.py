@@ -234,7 +234,7 @@ def fresh_cache(monkeypatch, tmp_path):
 def test_without_a_compiler_gates_fall_back_with_one_warning(monkeypatch, tmp_path, fresh_cache) -> None:
     monkeypatch.delenv("ATTNBENCH_KERNELS", raising=False)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    with pytest.warns(RuntimeWarning, match="no-such-cc.*gates use torch ops"):
+    with pytest.warns(RuntimeWarning, match="no-such-cc.*gates and convs use torch ops"):
         assert fused.library() is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -299,10 +299,11 @@ def _run_two_gates(x: torch.Tensor, channel_pools: list[str], spatial_pools: lis
 @needs_kernels
 @pytest.mark.parametrize("channel_pools, spatial_pools", [(["mean", "max"], ["max", "mean"]), (["max"], ["mean"]),
                                                           (["mean"], ["max"])], ids=str)
-@pytest.mark.parametrize("case", ["channels_last", "batch-1", "one-pixel"])
+@pytest.mark.parametrize("case", ["channels_last", "batch-1", "one-pixel", "20-channels"])
 def test_fused_channel_then_spatial_gate_matches_two_gates(channel_pools, spatial_pools, case, monkeypatch) -> None:
-    """One Function that never writes the channel gate's output, against the two gates as torch ops."""
-    x = _input(case)
+    """One Function that never writes the channel gate's output, against the two gates as torch ops
+    (20 channels: the kernels' eight-lane loops and their tails)."""
+    x = _distinct((2, 20, 5, 6)).to(memory_format=torch.channels_last) if case == "20-channels" else _input(case)
     y, dx, dparams = _run_two_gates(x, channel_pools, spatial_pools, True, monkeypatch)
     assert type(y.grad_fn).__name__ == "_FusedChannelSpatialGateBackward"
     y_ref, dx_ref, dparams_ref = _run_two_gates(x, channel_pools, spatial_pools, False, monkeypatch)
