@@ -181,11 +181,11 @@ def scale_rows(a: Tensor, over_last: bool, scale: Tensor, shift: Tensor | None, 
         raise ValueError("scale_rows takes b and b_scale together")
     scale, b_scale = _per(scale, kept), _per(b_scale, kept)
     shift = torch.zeros(kept) if shift is None else _per(shift, kept)
-    peaks = [(_positions(at, kept, k if over_last else m), _per(v, kept)) for at, v in peaks]
+    peaks = [(_positions(at, kept), _per(v, kept)) for at, v in peaks]
     at = (ctypes.c_void_p * len(peaks))(*(p.data_ptr() for p, _ in peaks))
     add = (ctypes.c_void_p * len(peaks))(*(v.data_ptr() for _, v in peaks))
-    _library().scale_rows(a.data_ptr(), n, m, k, over_last, scale.data_ptr(), shift.data_ptr(), _ptr(b), _ptr(b_scale),
-                          len(peaks), at, add, out.data_ptr(), torch.get_num_threads())
+    _checked(_library().scale_rows(a.data_ptr(), n, m, k, over_last, scale.data_ptr(), shift.data_ptr(), _ptr(b),
+                                   _ptr(b_scale), len(peaks), at, add, out.data_ptr(), torch.get_num_threads()))
 
 
 def _per(t: Tensor | None, shape: list[int]) -> Tensor | None:
@@ -193,12 +193,17 @@ def _per(t: Tensor | None, shape: list[int]) -> Tensor | None:
     return None if t is None else t.detach().float().reshape(shape).contiguous()
 
 
-def _positions(at: Tensor, shape: list[int], width: int) -> Tensor:
-    """Peak positions as the C code indexes with them, checked: a bad one would write anywhere."""
-    at = at.reshape(shape).contiguous()
-    if at.dtype != torch.long or int(at.min()) < 0 or int(at.max()) >= width:
-        raise ValueError(f"peak positions must be int64 in [0, {width})")
-    return at
+def _positions(at: Tensor, shape: list[int]) -> Tensor:
+    """Peak positions as the C code reads them; it checks each against its range where it uses it."""
+    if at.dtype != torch.long:
+        raise ValueError(f"peak positions must be int64, got {at.dtype}")
+    return at.reshape(shape).contiguous()
+
+
+def _checked(status: int) -> None:
+    """A kernel that indexes with positions returns -1 if one was outside the dim it indexes."""
+    if status:
+        raise ValueError("peak positions must lie inside the dim they index (0 <= position < its size)")
 
 
 # A channel gate then a spatial gate (CBAM) over a channels_last x read as (n, m pixels, k
@@ -227,10 +232,10 @@ def outer_col_sums(dy: Tensor, x: Tensor, s: Tensor, t: Tensor, peak_at: Tensor,
     """Per image and channel, the float64 sum over the pixels of (dy * s + t + peak at channel
     peak_at) * x, with s, t, peak_at and peak one per pixel."""
     n, m, k, per_pixel = _kept_shape(x, True, dy)
-    operands = [_per(s, per_pixel), _per(t, per_pixel), _positions(peak_at, per_pixel, k), _per(peak, per_pixel)]
+    operands = [_per(s, per_pixel), _per(t, per_pixel), _positions(peak_at, per_pixel), _per(peak, per_pixel)]
     out = torch.empty(n, k, dtype=torch.float64)
-    _library().outer_col_sums(dy.data_ptr(), x.data_ptr(), *(v.data_ptr() for v in operands), n, m, k, out.data_ptr(),
-                              torch.get_num_threads())
+    _checked(_library().outer_col_sums(dy.data_ptr(), x.data_ptr(), *(v.data_ptr() for v in operands), n, m, k,
+                                       out.data_ptr(), torch.get_num_threads()))
     return out
 
 
@@ -247,10 +252,10 @@ def outer_scale(x: Tensor, a: Tensor, s: Tensor, out: Tensor, t: Tensor | None =
     operands = [_per(a, per_channel), _per(s, per_pixel)]
     if t is not None:
         operands += [_per(t, per_pixel), _per(u, per_channel),
-                     _positions(row_peaks[0], per_pixel, k), _per(row_peaks[1], per_pixel),
-                     _positions(col_peaks[0], per_channel, m), _per(col_peaks[1], per_channel)]
+                     _positions(row_peaks[0], per_pixel), _per(row_peaks[1], per_pixel),
+                     _positions(col_peaks[0], per_channel), _per(col_peaks[1], per_channel)]
     pointers = [v.data_ptr() for v in operands] + [None] * (8 - len(operands))
-    _library().outer_scale(x.data_ptr(), *pointers, n, m, k, out.data_ptr(), torch.get_num_threads())
+    _checked(_library().outer_scale(x.data_ptr(), *pointers, n, m, k, out.data_ptr(), torch.get_num_threads()))
 
 
 def _dense(layout: torch.memory_format, *tensors: Tensor) -> None:

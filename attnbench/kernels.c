@@ -161,15 +161,41 @@ void extremes(const float *a, int64_t n, int64_t m, int64_t k, int over_last, fl
     }
 }
 
+/* The kernels below index with positions that Python hands them, so each position is checked
+   where it is read, in the loop that reads it anyway: one out of range is not written through,
+   and the kernel returns -1, for the wrapper to raise. */
+#define BAD_POSITION(q, width) ((q) < 0 || (q) >= (width))
+
+/* out (n, m, k) += add[i][j] at row at[i][j] of image i and column j: a pooling's gradient over
+   the middle dim, one element per (image, column). Returns -1 if a row is out of range. */
+static int add_column_peaks(float *out, int64_t n, int64_t m, int64_t k, const int64_t *at, const float *add,
+                            int threads) {
+    int bad = 0;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < k; j++) {
+            int64_t row = at[i * k + j];
+            if (BAD_POSITION(row, m)) {
+                #pragma omp atomic write
+                bad = 1;
+            } else {
+                out[(i * m + row) * k + j] += add[i * k + j];
+            }
+        }
+    return bad ? -1 : 0;
+}
+
 /* out = a * scale + b * b_scale + shift, with scale, b_scale and shift given per (n, k) when
    broadcast over the middle dim and per (n, m) when broadcast over the last (b and b_scale may be
    NULL), then plus add[p][r] at position at[p][r] of the broadcast dim for each of the `peaks`
    (index, value) arrays: a gate's output, and its input gradient with the max's and min's
    gradients (and a variance's, through b = x). torch's addcmul runs 1.8x longer when the broadcast
-   dim is the last, and its scatter_add 1 ms per 131k values. */
-void scale_rows(const float *a, int64_t n, int64_t m, int64_t k, int over_last, const float *scale,
+   dim is the last, and its scatter_add 1 ms per 131k values. Returns -1 if a position is out of
+   range. */
+int scale_rows(const float *a, int64_t n, int64_t m, int64_t k, int over_last, const float *scale,
                 const float *shift, const float *b, const float *b_scale, int peaks, const int64_t *const *at,
                 const float *const *add, float *out, int threads) {
+    int bad = 0;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < n * m; r++) {
         const float *x = a + r * k, *z = b ? b + r * k : NULL;
@@ -183,7 +209,15 @@ void scale_rows(const float *a, int64_t n, int64_t m, int64_t k, int over_last, 
                 #pragma omp simd
                 for (int64_t j = 0; j < k; j++) y[j] = x[j] * s + t;
             }
-            for (int p = 0; p < peaks; p++) y[at[p][r]] += add[p][r];
+            for (int p = 0; p < peaks; p++) {
+                int64_t q = at[p][r];
+                if (BAD_POSITION(q, k)) {
+                    #pragma omp atomic write
+                    bad = 1;
+                } else {
+                    y[q] += add[p][r];
+                }
+            }
         } else {
             const float *s = scale + (r / m) * k, *t = shift + (r / m) * k;
             if (z) {
@@ -196,11 +230,9 @@ void scale_rows(const float *a, int64_t n, int64_t m, int64_t k, int over_last, 
             }
         }
     }
-    if (over_last || peaks == 0) return;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t i = 0; i < n; i++)  /* each image's rows were written above; its peaks go on top */
-        for (int p = 0; p < peaks; p++)
-            for (int64_t j = 0; j < k; j++) out[(i * m + at[p][i * k + j]) * k + j] += add[p][i * k + j];
+    if (!over_last)  /* the rows are all written above; the peaks go on top */
+        for (int p = 0; p < peaks; p++) bad |= add_column_peaks(out, n, m, k, at[p], add[p], threads);
+    return bad ? -1 : 0;
 }
 
 /* A channel gate, then a spatial gate on its output (CBAM), in three passes forward and three
@@ -255,9 +287,10 @@ void outer_row_dots(const float *dy, const float *x, const float *a, int64_t n, 
 
 /* Per image and channel, over the pixels: sum of dy1 * x, the gradient of the channel scale a,
    where dy1 = dy * s[r] + t[r] plus peak[r] at channel at[r] is the gradient of y1 (t and the
-   peaks carry the spatial gate's mean and max pooling). */
-void outer_col_sums(const float *dy, const float *x, const float *s, const float *t, const int64_t *at,
-                    const float *peak, int64_t n, int64_t m, int64_t k, double *out, int threads) {
+   peaks carry the spatial gate's mean and max pooling). Returns -1 if a position is out of range. */
+int outer_col_sums(const float *dy, const float *x, const float *s, const float *t, const int64_t *at,
+                   const float *peak, int64_t n, int64_t m, int64_t k, double *out, int threads) {
+    int bad = 0;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t i = 0; i < n; i++) {
         double *sum = out + i * k;
@@ -267,18 +300,25 @@ void outer_col_sums(const float *dy, const float *x, const float *s, const float
             float sr = s[r], tr = t[r];
             #pragma omp simd
             for (int64_t j = 0; j < k; j++) sum[j] += (double)(g[j] * sr + tr) * row[j];
-            sum[at[r]] += (double)peak[r] * row[at[r]];
+            if (BAD_POSITION(at[r], k)) {
+                #pragma omp atomic write
+                bad = 1;
+            } else {
+                sum[at[r]] += (double)peak[r] * row[at[r]];
+            }
         }
     }
+    return bad ? -1 : 0;
 }
 
 /* out = (x * s[r] + t[r] + row_peak[r] at channel row_at[r]) * a + u, then plus col_peak at pixel
    col_at of each channel. Forward: x * s * a (t, u and the peaks NULL). Backward, from dy: the
    gradient of y1 (as in outer_col_sums) times a, plus the channel gate's mean (u) and max
-   (col_peak) pooling gradients. */
-void outer_scale(const float *x, const float *a, const float *s, const float *t, const float *u,
-                 const int64_t *row_at, const float *row_peak, const int64_t *col_at, const float *col_peak,
-                 int64_t n, int64_t m, int64_t k, float *out, int threads) {
+   (col_peak) pooling gradients. Returns -1 if a position is out of range. */
+int outer_scale(const float *x, const float *a, const float *s, const float *t, const float *u,
+                const int64_t *row_at, const float *row_peak, const int64_t *col_at, const float *col_peak,
+                int64_t n, int64_t m, int64_t k, float *out, int threads) {
+    int bad = 0;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < n * m; r++) {
         const float *row = x + r * k, *scale = a + (r / m) * k;
@@ -288,16 +328,19 @@ void outer_scale(const float *x, const float *a, const float *s, const float *t,
             float tr = t[r];
             #pragma omp simd
             for (int64_t j = 0; j < k; j++) y[j] = (row[j] * sr + tr) * scale[j] + shift[j];
-            y[row_at[r]] += row_peak[r] * scale[row_at[r]];
+            if (BAD_POSITION(row_at[r], k)) {
+                #pragma omp atomic write
+                bad = 1;
+            } else {
+                y[row_at[r]] += row_peak[r] * scale[row_at[r]];
+            }
         } else {
             #pragma omp simd
             for (int64_t j = 0; j < k; j++) y[j] = row[j] * sr * scale[j];
         }
     }
-    if (!col_at) return;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t i = 0; i < n; i++)
-        for (int64_t j = 0; j < k; j++) out[(i * m + col_at[i * k + j]) * k + j] += col_peak[i * k + j];
+    if (t) bad |= add_column_peaks(out, n, m, k, col_at, col_peak, threads);
+    return bad ? -1 : 0;
 }
 
 #define TILE_ROWS 6  /* output channels per tile: 6 x 2 accumulators, 2 loads, 6 broadcasts */

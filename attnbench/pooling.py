@@ -238,6 +238,12 @@ class _FusedGate(torch.autograd.Function):
         return dx, None, None, None, *param_grads
 
 
+def _or_zeros(grad: Tensor | None, count: int, like: Tensor) -> Tensor:
+    """A pool's gradient divided by the count it averaged over (1 for a max), or zeros shaped like
+    the scale it feeds where the attention did not use that pool."""
+    return torch.zeros_like(like) if grad is None else grad / count
+
+
 class _FusedChannelSpatialGate(torch.autograd.Function):
     """channel_spatial_gate() when training on the CPU: y = x * a * s with a from x's pools over the
     pixels and s from the pools over the channels of x * a, which is never written out. Forward:
@@ -277,14 +283,11 @@ class _FusedChannelSpatialGate(torch.autograd.Function):
         dy_rows = _rows(dy, torch.channels_last, "pixels")[0]
         spatial, spatial_params = _differentiate((s,), (fused.outer_row_dots(dy_rows, rows, a),), spatial_leaves,
                                                  ctx.pools[1], ctx.params)
-        per_pixel, per_channel = torch.zeros(n, h * w), torch.zeros(n, c)
         # the gradient of y1 = x * a is dy * s + d_mean / C, plus d_max at each pixel's max channel
-        t = per_pixel if spatial.get("mean") is None else spatial["mean"] / c
-        row_peak = per_pixel if spatial.get("max") is None else spatial["max"]
+        t, row_peak = _or_zeros(spatial.get("mean"), c, s), _or_zeros(spatial.get("max"), 1, s)
         da = fused.outer_col_sums(dy_rows, rows, s, t, at_c, row_peak)
         channel, channel_params = _differentiate((a,), (da,), channel_leaves, ctx.pools[0], ctx.params)
-        u = per_channel if channel.get("mean") is None else channel["mean"] / (h * w)
-        col_peak = per_channel if channel.get("max") is None else channel["max"]
+        u, col_peak = _or_zeros(channel.get("mean"), h * w, a), _or_zeros(channel.get("max"), 1, a)
         dx = torch.empty_like(dy)
         fused.outer_scale(dy_rows, a, s, _rows(dx, torch.channels_last, "pixels")[0], t, u, (at_c, row_peak),
                           (at_high, col_peak))

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from attnbench import fused, registry
 
@@ -24,8 +25,6 @@ needs_kernels = pytest.mark.skipif(os.environ.get("ATTNBENCH_KERNELS") == "0", r
 
 def onednn_weight_grad(x, dy, weight_shape: tuple, stride: int, padding: int):
     """torch's own (oneDNN's) weight gradient of a conv, which kernels.c's conv_weight_grad replaces."""
-    import torch
-
     weight = torch.zeros(weight_shape).to(memory_format=torch.channels_last)
     return torch.ops.aten.convolution_backward(dy, x, weight, None, [stride] * 2, [padding] * 2, [1, 1], False,
                                                [0, 0], 1, [False, True, False])[1]

@@ -198,6 +198,11 @@ def test_inputs_the_kernels_cannot_take_use_torch_ops() -> None:
         fused.outer_col_sums(x, x, per_pixel, per_pixel, torch.full((1, 3), 4), per_pixel)
     with pytest.raises(ValueError, match="together"):  # a backward call with part of its operands
         fused.outer_scale(x, per_channel, per_pixel, torch.empty_like(x), t=per_pixel)
+    with pytest.raises(ValueError, match="peak positions"):  # a pixel before the first, over the last dim
+        fused.scale_rows(x, True, per_pixel, None, torch.empty_like(x), [(torch.full((1, 3), -1), per_pixel)])
+    with pytest.raises(ValueError, match="peak positions"):  # a column peak at pixel 3 of 3
+        fused.outer_scale(x, per_channel, per_pixel, torch.empty_like(x), per_pixel, per_channel,
+                          (torch.zeros(1, 3, dtype=torch.long), per_pixel), (torch.full((1, 4), 3), per_channel))
 
 
 @pytest.mark.parametrize("over_last", [False, True])

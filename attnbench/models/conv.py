@@ -37,7 +37,7 @@ class Conv2d(nn.Conv2d):
 
     def _trains_in_c(self, x: Tensor) -> bool:
         k = self.kernel_size
-        return (self.weight.requires_grad and self.weight.dtype == torch.float32 and self.groups == 1
+        return (self.weight.requires_grad and self.groups == 1
                 and self.dilation == (1, 1) and self.padding_mode == "zeros" and k[0] == k[1] > 1
                 and isinstance(self.padding, tuple) and self.padding[0] == self.padding[1]
                 and self.stride[0] == self.stride[1] and fused.serves(x, self.weight))
