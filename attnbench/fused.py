@@ -85,13 +85,13 @@ def library() -> ctypes.CDLL | None:
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.sums.argtypes = [p, p, i64, i64, i64, i32, p, p, i32]
         lib.extremes.argtypes = [p, i64, i64, i64, i32, p, p, p, p, p, i32]
-        lib.scale_rows.argtypes = [p, i64, i64, i64, i32, p, p, p, p, i32, p, p, p, i32]
+        lib.scale_rows.argtypes = [p, i64, i64, i64, i32, p, p, p, p, p, i32, i32, p, p, p, i32]
         lib.conv_weight_grad.argtypes = [p, p, p, *[i64] * 10, i32]
         lib.conv_same.argtypes = lib.conv_same_weight_grad.argtypes = [p, p, p, *[i64] * 6, i32]
         lib.outer_pools.argtypes = [p, p, i64, i64, i64, p, p, p, i32]
         lib.outer_row_dots.argtypes = [p, p, p, i64, i64, i64, p, i32]
         lib.outer_col_sums.argtypes = [p, p, p, p, p, p, i64, i64, i64, p, i32]
-        lib.outer_scale.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, p, i32]
+        lib.outer_scale.argtypes = [p, p, p, p, p, p, p, p, p, p, i32, i64, i64, i64, p, i32]
     except (OSError, AttributeError) as exc:
         return _fall_back(f"cannot load {path} ({exc}); delete it to rebuild")
     return lib
@@ -171,21 +171,26 @@ def extremes(a: Tensor, over_last: bool, *, low: bool, total: bool = False) -> t
 
 def scale_rows(a: Tensor, over_last: bool, scale: Tensor, shift: Tensor | None, out: Tensor,
                peaks: Sequence[tuple[Tensor, Tensor]] = (), b: Tensor | None = None,
-               b_scale: Tensor | None = None) -> None:
-    """out = a * scale + b * b_scale + shift for contiguous float32 (n, m, k) tensors a, b and out,
-    with scale, b_scale and shift holding one value per (n, k) (broadcast over the middle dim) or
-    per (n, m) (over the last); then for each (positions, values) of `peaks`, laid out like scale
-    (the positions from extremes()), values[r] is added at index positions[r] of the broadcast dim."""
-    n, m, k, kept = _kept_shape(a, over_last, out, b)
+               b_scale: Tensor | None = None, residual: Tensor | None = None, relu: bool = False) -> None:
+    """out = a * scale + b * b_scale + shift (+ residual, then a ReLU if `relu`) for contiguous
+    float32 (n, m, k) tensors a, b, residual and out, with scale, b_scale and shift holding one
+    value per (n, k) (broadcast over the middle dim) or per (n, m) (over the last); then for each
+    (positions, values) of `peaks`, laid out like scale (the positions from extremes()), values[r]
+    is added at index positions[r] of the broadcast dim. The residual and ReLU are a block's, for
+    a gate's output; the peaks are a gradient's, so the two do not go together."""
+    n, m, k, kept = _kept_shape(a, over_last, out, b, residual)
     if (b is None) != (b_scale is None):
         raise ValueError("scale_rows takes b and b_scale together")
+    if peaks and (residual is not None or relu):
+        raise ValueError("scale_rows takes peaks (a gradient's) or a residual and ReLU (an output's), not both")
     scale, b_scale = _per(scale, kept), _per(b_scale, kept)
     shift = torch.zeros(kept) if shift is None else _per(shift, kept)
     peaks = [(_positions(at, kept), _per(v, kept)) for at, v in peaks]
     at = (ctypes.c_void_p * len(peaks))(*(p.data_ptr() for p, _ in peaks))
     add = (ctypes.c_void_p * len(peaks))(*(v.data_ptr() for _, v in peaks))
     _checked(_library().scale_rows(a.data_ptr(), n, m, k, over_last, scale.data_ptr(), shift.data_ptr(), _ptr(b),
-                                   _ptr(b_scale), len(peaks), at, add, out.data_ptr(), torch.get_num_threads()))
+                                   _ptr(b_scale), _ptr(residual), relu, len(peaks), at, add, out.data_ptr(),
+                                   torch.get_num_threads()))
 
 
 def _per(t: Tensor | None, shape: list[int]) -> Tensor | None:
@@ -240,22 +245,27 @@ def outer_col_sums(dy: Tensor, x: Tensor, s: Tensor, t: Tensor, peak_at: Tensor,
 
 
 def outer_scale(x: Tensor, a: Tensor, s: Tensor, out: Tensor, t: Tensor | None = None, u: Tensor | None = None,
-                row_peaks: tuple[Tensor, Tensor] | None = None, col_peaks: tuple[Tensor, Tensor] | None = None) -> None:
+                row_peaks: tuple[Tensor, Tensor] | None = None, col_peaks: tuple[Tensor, Tensor] | None = None,
+                residual: Tensor | None = None, relu: bool = False) -> None:
     """out = (x * s + t + row peak) * a + u + column peak, s and t one value per pixel, a and u
     one per (image, channel); a row peak (position, value) per pixel adds at that channel, a
-    column peak per (image, channel) at that pixel. Forward gives x, a and s only; backward all."""
-    n, m, k, per_pixel = _kept_shape(x, True, out)
+    column peak per (image, channel) at that pixel. Forward gives x, a and s, and may add a
+    residual (n, m, k) and apply a ReLU, a block's; backward gives t, u and both peaks too."""
+    n, m, k, per_pixel = _kept_shape(x, True, out, residual)
     per_channel = [n, k]
     backward = (t, u, row_peaks, col_peaks)
     if any(v is None for v in backward) and any(v is not None for v in backward):
         raise ValueError("outer_scale takes t, u and both peaks together, or none of them")
+    if t is not None and (residual is not None or relu):
+        raise ValueError("outer_scale takes a residual and ReLU in the forward only (without t, u and peaks)")
     operands = [_per(a, per_channel), _per(s, per_pixel)]
     if t is not None:
         operands += [_per(t, per_pixel), _per(u, per_channel),
                      _positions(row_peaks[0], per_pixel), _per(row_peaks[1], per_pixel),
                      _positions(col_peaks[0], per_channel), _per(col_peaks[1], per_channel)]
     pointers = [v.data_ptr() for v in operands] + [None] * (8 - len(operands))
-    _checked(_library().outer_scale(x.data_ptr(), *pointers, n, m, k, out.data_ptr(), torch.get_num_threads()))
+    _checked(_library().outer_scale(x.data_ptr(), *pointers, _ptr(residual), relu, n, m, k, out.data_ptr(),
+                                    torch.get_num_threads()))
 
 
 def _dense(layout: torch.memory_format, *tensors: Tensor) -> None:

@@ -185,16 +185,32 @@ static int add_column_peaks(float *out, int64_t n, int64_t m, int64_t k, const i
     return bad ? -1 : 0;
 }
 
+/* A block's residual add and ReLU on a row of its output while the row is still in L1: y +=
+   residual (if not NULL), then y = max(y, 0) (if relu; a NaN stays NaN, as in torch). Written by
+   the gate itself, they save the block the write and the read-back of the gate's output that a
+   separate add would make. */
+static inline void add_residual(float *y, const float *residual, int64_t k, int relu) {
+    if (residual) {
+        #pragma omp simd
+        for (int64_t j = 0; j < k; j++) y[j] += residual[j];
+    }
+    if (relu) {
+        #pragma omp simd
+        for (int64_t j = 0; j < k; j++) y[j] = y[j] < 0.0f ? 0.0f : y[j];
+    }
+}
+
 /* out = a * scale + b * b_scale + shift, with scale, b_scale and shift given per (n, k) when
    broadcast over the middle dim and per (n, m) when broadcast over the last (b and b_scale may be
-   NULL), then plus add[p][r] at position at[p][r] of the broadcast dim for each of the `peaks`
-   (index, value) arrays: a gate's output, and its input gradient with the max's and min's
-   gradients (and a variance's, through b = x). torch's addcmul runs 1.8x longer when the broadcast
-   dim is the last, and its scatter_add 1 ms per 131k values. Returns -1 if a position is out of
-   range. */
+   NULL), then plus residual (NULL for none) and through a ReLU if relu; then plus add[p][r] at
+   position at[p][r] of the broadcast dim for each of the `peaks` (index, value) arrays: a gate's
+   output (with its block's residual add and ReLU), and its input gradient with the max's and
+   min's gradients (and a variance's, through b = x). torch's addcmul runs 1.8x longer when the
+   broadcast dim is the last, and its scatter_add 1 ms per 131k values. Returns -1 if a position
+   is out of range. */
 int scale_rows(const float *a, int64_t n, int64_t m, int64_t k, int over_last, const float *scale,
-                const float *shift, const float *b, const float *b_scale, int peaks, const int64_t *const *at,
-                const float *const *add, float *out, int threads) {
+               const float *shift, const float *b, const float *b_scale, const float *residual, int relu, int peaks,
+               const int64_t *const *at, const float *const *add, float *out, int threads) {
     int bad = 0;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < n * m; r++) {
@@ -209,6 +225,7 @@ int scale_rows(const float *a, int64_t n, int64_t m, int64_t k, int over_last, c
                 #pragma omp simd
                 for (int64_t j = 0; j < k; j++) y[j] = x[j] * s + t;
             }
+            add_residual(y, residual ? residual + r * k : NULL, k, relu);
             for (int p = 0; p < peaks; p++) {
                 int64_t q = at[p][r];
                 if (BAD_POSITION(q, k)) {
@@ -228,6 +245,7 @@ int scale_rows(const float *a, int64_t n, int64_t m, int64_t k, int over_last, c
                 #pragma omp simd
                 for (int64_t j = 0; j < k; j++) y[j] = x[j] * s[j] + t[j];
             }
+            add_residual(y, residual ? residual + r * k : NULL, k, relu);
         }
     }
     if (!over_last)  /* the rows are all written above; the peaks go on top */
@@ -312,12 +330,13 @@ int outer_col_sums(const float *dy, const float *x, const float *s, const float 
 }
 
 /* out = (x * s[r] + t[r] + row_peak[r] at channel row_at[r]) * a + u, then plus col_peak at pixel
-   col_at of each channel. Forward: x * s * a (t, u and the peaks NULL). Backward, from dy: the
+   col_at of each channel. Forward: x * s * a (t, u and the peaks NULL), plus residual (if not
+   NULL) and through a ReLU (if relu). Backward, from dy: the
    gradient of y1 (as in outer_col_sums) times a, plus the channel gate's mean (u) and max
    (col_peak) pooling gradients. Returns -1 if a position is out of range. */
 int outer_scale(const float *x, const float *a, const float *s, const float *t, const float *u,
                 const int64_t *row_at, const float *row_peak, const int64_t *col_at, const float *col_peak,
-                int64_t n, int64_t m, int64_t k, float *out, int threads) {
+                const float *residual, int relu, int64_t n, int64_t m, int64_t k, float *out, int threads) {
     int bad = 0;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < n * m; r++) {
@@ -337,6 +356,7 @@ int outer_scale(const float *x, const float *a, const float *s, const float *t, 
         } else {
             #pragma omp simd
             for (int64_t j = 0; j < k; j++) y[j] = row[j] * sr * scale[j];
+            add_residual(y, residual ? residual + r * k : NULL, k, relu);
         }
     }
     if (t) bad |= add_column_peaks(out, n, m, k, col_at, col_peak, threads);

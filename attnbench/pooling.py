@@ -8,7 +8,9 @@ the product, the product's two gradients, the pooling's gradient and their sum),
 those passes are its whole cost. gate() makes four when training on the CPU: one read pools (max,
 min, their positions and the sum together, via fused.py), one write gives the output, and the
 backward reads dy and x once for the attention's gradient and writes dx once, with the pooling's
-gradient folded in (a constant per row for a mean, one element per row for a max or min).
+gradient folded in (a constant per row for a mean, one element per row for a max or min). A gate
+that ends a block is also handed the block's shortcut (attnbench.residual) and writes
+relu(x * scale + shortcut) in that one write, so the block's add never reads the product back.
 
 The attention itself runs as ordinary autograd on the small pooled tensors: its graph is built in
 the forward and differentiated inside the backward, as torch.utils.checkpoint does, so a module
@@ -30,6 +32,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from attnbench import fused
+from attnbench.residual import add as add_residual
 
 POOLS = ("mean", "var", "max", "min")
 DIMS = {"pixels": (2, 3), "channels": (1,)}
@@ -37,38 +40,46 @@ Scale = Tensor | tuple[Tensor, Tensor]
 
 
 def gate(x: Tensor, pools: Sequence[str], attention: Callable[..., Scale], params: Iterable[Tensor] | None = None, *,
-         over: str = "pixels") -> Tensor:
+         over: str = "pixels", residual: Tensor | None = None, relu: bool = False) -> Tensor:
     """x * attention(*pooled), where pooled[i] is pools[i] of x over the pixels, shape (N, C, 1, 1),
     or over the channels, shape (N, 1, H, W): "mean", "var" (the population variance), "max" or
     "min". The attention returns a scale of that same shape, or a (scale, shift) pair for
     x * scale + shift. It is normally a method of the module (or a functools.partial of one),
-    whose parameters are then the ones it trains; any other callable gives them as `params`."""
+    whose parameters are then the ones it trains; any other callable gives them as `params`.
+    A block's tail comes with it: plus `residual` (x's shape), then a ReLU if `relu`, written
+    in the same pass as the product (see attnbench.residual)."""
     if over not in DIMS or not set(pools) <= set(POOLS) or len(set(pools)) != len(pools):
         raise ValueError(f"gate over {over!r} with pools {pools!r}: use over pixels or channels, each pool once from {POOLS}")
+    _check_residual(x, residual)
     params = _trained(attention, params)  # on every path, so that a bad call fails alike everywhere
-    if _fusable(x):
-        return _FusedGate.apply(x, tuple(pools), over, attention, *params)
+    if _fusable(x, residual):
+        return _FusedGate.apply(x, tuple(pools), over, attention, residual, relu, *params)
     scale = attention(*(_pool(x, p, DIMS[over]) for p in pools))
     _check_shape(scale, _pooled_shape(x, over))
     scale = _as_tuple(scale)
-    return (x * scale[0] if len(scale) == 1 else torch.addcmul(scale[1], x, scale[0])).to(x.dtype)
+    y = (x * scale[0] if len(scale) == 1 else torch.addcmul(scale[1], x, scale[0])).to(x.dtype)
+    return y if residual is None else add_residual(y, residual, relu)
 
 
 def channel_spatial_gate(x: Tensor, channel_pools: Sequence[str], channel_attention: Callable[..., Tensor],
-                         spatial_pools: Sequence[str], spatial_attention: Callable[..., Tensor]) -> Tensor:
+                         spatial_pools: Sequence[str], spatial_attention: Callable[..., Tensor], *,
+                         residual: Tensor | None = None, relu: bool = False) -> Tensor:
     """A channel gate, then a spatial gate on its output, as CBAM has them:
-    gate(gate(x, channel_pools, channel_attention), spatial_pools, spatial_attention, over="channels").
+    gate(gate(x, channel_pools, channel_attention), spatial_pools, spatial_attention, over="channels",
+    residual=residual, relu=relu).
     Both attentions are methods of a module and return a scale. Training on the CPU with a
     channels_last x and pools from "mean" and "max", the pair runs as one Function that never
     writes the channel gate's output: three passes over x forward and three back, where two
     gates make four and four (CBAM's gate step at ResNet-164's first stage: 32 ms as two gates)."""
     pairs_fuse = all(pools and set(pools) <= {"mean", "max"} and len(set(pools)) == len(pools)
                      for pools in (channel_pools, spatial_pools))
-    if pairs_fuse and _fusable(x) and x.is_contiguous(memory_format=torch.channels_last):
+    _check_residual(x, residual)
+    if pairs_fuse and _fusable(x, residual) and x.is_contiguous(memory_format=torch.channels_last):
         params = {id(p): p for a in (channel_attention, spatial_attention) for p in _trained(a, None)}
         return _FusedChannelSpatialGate.apply(x, tuple(channel_pools), channel_attention, tuple(spatial_pools),
-                                              spatial_attention, *params.values())
-    return gate(gate(x, channel_pools, channel_attention), spatial_pools, spatial_attention, over="channels")
+                                              spatial_attention, residual, relu, *params.values())
+    return gate(gate(x, channel_pools, channel_attention), spatial_pools, spatial_attention, over="channels",
+                residual=residual, relu=relu)
 
 
 def _method_of(attention: Callable) -> tuple[nn.Module, Callable] | None:
@@ -135,8 +146,19 @@ def _check_params(attention: Callable, outputs: tuple[Tensor, ...], leaves: list
         _CHECKED.setdefault(method[0], set()).add(method[1])
 
 
-def _fusable(x: Tensor) -> bool:
-    return x.requires_grad and fused.serves(x)
+def _fusable(x: Tensor, residual: Tensor | None) -> bool:
+    return x.requires_grad and fused.serves(x) and (residual is None or fused.serves(residual))
+
+
+def _check_residual(x: Tensor, residual: Tensor | None) -> None:
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"a gate's residual must have its input's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+
+
+def _past_relu(dy: Tensor, out: Tensor | None) -> Tensor:
+    """The gradient at a fused gate's product, and at its residual, from its output's: through the
+    block's ReLU where the gate applied one (`out` is then the gate's output)."""
+    return dy if out is None else torch.ops.aten.threshold_backward(dy, out, 0)
 
 
 def _layout(x: Tensor) -> torch.memory_format:
@@ -187,7 +209,7 @@ class _FusedGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, pools: tuple[str, ...], over: str, attention: Callable[..., Scale],
-                *params: Tensor) -> Tensor:
+                residual: Tensor | None, relu: bool, *params: Tensor) -> Tensor:
         layout = _layout(x)
         x = x.contiguous(memory_format=layout)
         rows, over_last = _rows(x, layout, over)
@@ -209,33 +231,35 @@ class _FusedGate(torch.autograd.Function):
         leaves, outputs = _attend(attention, pools, found, _pooled_shape(x, over), params)
         ctx.pools, ctx.over, ctx.layout, ctx.count, ctx.params = pools, over, layout, count, params
         ctx.graph = leaves, outputs  # kept with the node, so a retained graph can run backward again
-        ctx.save_for_backward(x)
         y = torch.empty_like(x)
-        fused.scale_rows(rows, over_last, outputs[0], outputs[1] if len(outputs) == 2 else None, _rows(y, layout, over)[0])
+        residual = None if residual is None else _rows(residual.contiguous(memory_format=layout), layout, over)[0]
+        fused.scale_rows(rows, over_last, outputs[0], outputs[1] if len(outputs) == 2 else None, _rows(y, layout, over)[0],
+                         residual=residual, relu=relu)
+        ctx.save_for_backward(x, y if relu else None)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
-        (x,) = ctx.saved_tensors
+        x, out = ctx.saved_tensors
         leaves, outputs = ctx.graph
         rows, over_last = _rows(x, ctx.layout, ctx.over)
-        dy = dy.contiguous(memory_format=ctx.layout)
-        dy_rows, _ = _rows(dy, ctx.layout, ctx.over)
-        d_shift, d_scale = fused.sums(dy_rows, rows, over_last, plain=len(outputs) == 2)
+        dz = _past_relu(dy, out).contiguous(memory_format=ctx.layout)
+        dz_rows = _rows(dz, ctx.layout, ctx.over)[0]
+        d_shift, d_scale = fused.sums(dz_rows, rows, over_last, plain=len(outputs) == 2)
         by_pool, param_grads = _differentiate(outputs, (d_scale, d_shift), leaves, ctx.pools, ctx.params)
 
-        # dx = dy * scale + (d_mean - 2 mean d_var) / count + x * 2 d_var / count, then the max's
+        # dx = dz * scale + (d_mean - 2 mean d_var) / count + x * 2 d_var / count, then the max's
         # and min's gradients at their positions
         d_mean, d_var = by_pool.get("mean"), by_pool.get("var")
         shift = None if d_mean is None else d_mean / ctx.count
         if d_var is not None:
             shift = (0 if shift is None else shift) - ctx.mean.view_as(d_var) * d_var * (2 / ctx.count)
         peaks = [(ctx.positions[p], by_pool[p]) for p in ("max", "min") if by_pool.get(p) is not None]
-        dx = torch.empty_like(dy)
-        fused.scale_rows(dy_rows, over_last, outputs[0], shift, _rows(dx, ctx.layout, ctx.over)[0], peaks,
+        dx = torch.empty_like(dz)
+        fused.scale_rows(dz_rows, over_last, outputs[0], shift, _rows(dx, ctx.layout, ctx.over)[0], peaks,
                          b=None if d_var is None else rows, b_scale=None if d_var is None else d_var * (2 / ctx.count))
-        return dx, None, None, None, *param_grads
+        return dx, None, None, None, dz if ctx.needs_input_grad[4] else None, None, *param_grads
 
 
 def _or_zeros(grad: Tensor | None, count: int, like: Tensor) -> Tensor:
@@ -253,7 +277,8 @@ class _FusedChannelSpatialGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, channel_pools: tuple[str, ...], channel_attention: Callable[..., Tensor],
-                spatial_pools: tuple[str, ...], spatial_attention: Callable[..., Tensor], *params: Tensor) -> Tensor:
+                spatial_pools: tuple[str, ...], spatial_attention: Callable[..., Tensor], residual: Tensor | None,
+                relu: bool, *params: Tensor) -> Tensor:
         n, c, h, w = x.shape
         rows = _rows(x, torch.channels_last, "pixels")[0]  # (N, H*W, C)
         high, at_high, _, _, total = fused.extremes(rows, False, low=False, total=True)
@@ -266,30 +291,33 @@ class _FusedChannelSpatialGate(torch.autograd.Function):
             raise ValueError("channel_spatial_gate's attentions return a scale only; for a shift use two gate() calls")
         ctx.graph, ctx.positions = (channel, spatial), (at_high, at_c)
         ctx.pools, ctx.params = (channel_pools, spatial_pools), params
-        ctx.save_for_backward(x)
         y = torch.empty_like(x)
-        fused.outer_scale(rows, channel[1][0], spatial[1][0], _rows(y, torch.channels_last, "pixels")[0])
+        if residual is not None:
+            residual = _rows(residual.contiguous(memory_format=torch.channels_last), torch.channels_last, "pixels")[0]
+        fused.outer_scale(rows, channel[1][0], spatial[1][0], _rows(y, torch.channels_last, "pixels")[0],
+                          residual=residual, relu=relu)
+        ctx.save_for_backward(x, y if relu else None)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
-        (x,) = ctx.saved_tensors
+        x, out = ctx.saved_tensors
         (channel_leaves, (a,)), (spatial_leaves, (s,)) = ctx.graph
         at_high, at_c = ctx.positions
         n, c, h, w = x.shape
         rows = _rows(x, torch.channels_last, "pixels")[0]
-        dy = dy.contiguous(memory_format=torch.channels_last)
-        dy_rows = _rows(dy, torch.channels_last, "pixels")[0]
-        spatial, spatial_params = _differentiate((s,), (fused.outer_row_dots(dy_rows, rows, a),), spatial_leaves,
+        dz = _past_relu(dy, out).contiguous(memory_format=torch.channels_last)
+        dz_rows = _rows(dz, torch.channels_last, "pixels")[0]
+        spatial, spatial_params = _differentiate((s,), (fused.outer_row_dots(dz_rows, rows, a),), spatial_leaves,
                                                  ctx.pools[1], ctx.params)
-        # the gradient of y1 = x * a is dy * s + d_mean / C, plus d_max at each pixel's max channel
+        # the gradient of y1 = x * a is dz * s + d_mean / C, plus d_max at each pixel's max channel
         t, row_peak = _or_zeros(spatial.get("mean"), c, s), _or_zeros(spatial.get("max"), 1, s)
-        da = fused.outer_col_sums(dy_rows, rows, s, t, at_c, row_peak)
+        da = fused.outer_col_sums(dz_rows, rows, s, t, at_c, row_peak)
         channel, channel_params = _differentiate((a,), (da,), channel_leaves, ctx.pools[0], ctx.params)
         u, col_peak = _or_zeros(channel.get("mean"), h * w, a), _or_zeros(channel.get("max"), 1, a)
-        dx = torch.empty_like(dy)
-        fused.outer_scale(dy_rows, a, s, _rows(dx, torch.channels_last, "pixels")[0], t, u, (at_c, row_peak),
+        dx = torch.empty_like(dz)
+        fused.outer_scale(dz_rows, a, s, _rows(dx, torch.channels_last, "pixels")[0], t, u, (at_c, row_peak),
                           (at_high, col_peak))
         summed = [g1 if g2 is None else g2 if g1 is None else g1 + g2 for g1, g2 in zip(channel_params, spatial_params)]
-        return dx, None, None, None, None, *summed
+        return dx, None, None, None, None, dz if ctx.needs_input_grad[5] else None, None, *summed

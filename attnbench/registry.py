@@ -9,6 +9,11 @@ block without knowing which module it is building:
   the residual add (SE, CBAM, SPE, ...). It is called as ``gate(channels)``, or as
   ``gate(channels, shared)`` when the module also has a ``stage`` hook.
 
+A gate, or a norm that ends a block without one, may take the block's residual add and ReLU:
+if its forward accepts ``residual`` and ``relu`` keywords it is called as
+``forward(x, residual=shortcut, relu=...)`` and returns ``relu(out + shortcut)`` (see
+attnbench.residual; the gates built on attnbench.pooling pass them on).
+
 Every factory also receives the module's options (its constructor keywords, for example
 SPE's initial pooling weights), so tuning an initialisation needs no code in the harness.
 A module that wants a term added to the training loss gives its ``nn.Module`` an

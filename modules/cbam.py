@@ -36,8 +36,9 @@ class CBAMGate(nn.Module):
         maps = torch.cat((high, mean), dim=1).contiguous()
         return self.spatial_bn(self.spatial_conv(maps)).sigmoid_()
 
-    def forward(self, x: Tensor) -> Tensor:
-        return channel_spatial_gate(x, ["mean", "max"], self.channel_attention, ["max", "mean"], self.spatial_attention)
+    def forward(self, x: Tensor, residual: Tensor | None = None, relu: bool = False) -> Tensor:
+        return channel_spatial_gate(x, ["mean", "max"], self.channel_attention, ["max", "mean"], self.spatial_attention,
+                                    residual=residual, relu=relu)
 
 
 register("cbam", "CBAM: channel gate (avg+max pooling MLP) then 7x7 spatial gate", gate=CBAMGate)

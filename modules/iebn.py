@@ -28,14 +28,14 @@ class IEBatchNorm2d(nn.BatchNorm2d):
         self.gate_weight = nn.Parameter(torch.full(shape, 0.0))
         self.gate_bias = nn.Parameter(torch.full(shape, -1.0))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None, relu: bool = False) -> Tensor:
         self._check_input_dim(x)
         batch_stats = self.training or not self.track_running_stats
         per_channel = x.numel() // x.shape[1]
         if batch_stats and per_channel == 1:
             raise ValueError(f"IEBN needs more than 1 value per channel to normalise a batch, got input {tuple(x.shape)}")
         pools = ["mean", "var"] if batch_stats else ["mean"]
-        return gate(x, pools, partial(self.scale_and_shift, per_channel=per_channel))
+        return gate(x, pools, partial(self.scale_and_shift, per_channel=per_channel), residual=residual, relu=relu)
 
     def scale_and_shift(self, mean: Tensor, var: Tensor | None = None, *, per_channel: int) -> tuple[Tensor, Tensor]:
         """From per-image means and variances (N, C, 1, 1): with var, normalise by the batch's

@@ -17,8 +17,8 @@ class SEGate(nn.Module):
     def attention(self, mean: Tensor) -> Tensor:
         return self.fc2(self.fc1(mean.flatten(1)).relu_()).sigmoid_().view_as(mean)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return gate(x, ["mean"], self.attention)
+    def forward(self, x: Tensor, residual: Tensor | None = None, relu: bool = False) -> Tensor:
+        return gate(x, ["mean"], self.attention, residual=residual, relu=relu)
 
 
 register("se", "squeeze-and-excitation: channel gate from global average pooling", gate=SEGate, aliases=("senet",))

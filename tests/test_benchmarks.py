@@ -10,7 +10,7 @@ import pytest
 import torch
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from attnbench import fused, pooling, registry
+from attnbench import fused, pooling, registry, residual
 from attnbench.train import keep_freed_memory
 from conftest import onednn_weight_grad
 
@@ -24,12 +24,12 @@ def trainer_allocator() -> None:
     keep_freed_memory()
 
 
-def module_work(name: str) -> torch.nn.Module:
+def module_work(name: str, channels: int = SHAPE[1]) -> torch.nn.Module:
     """The gate a module adds to a block, or its norm (IEBN); `none` gives the plain BN it replaces."""
     spec = registry.get(name)
     if spec.gate is not None:
-        return spec.make_gate(SHAPE[1], spec.make_stage(SHAPE[1], {}), {})
-    return spec.make_norm(SHAPE[1], {})
+        return spec.make_gate(channels, spec.make_stage(channels, {}), {})
+    return spec.make_norm(channels, {})
 
 
 @pytest.mark.benchmark(group="gate-forward")
@@ -48,11 +48,34 @@ def test_gate_train_step(benchmark: BenchmarkFixture, name: str, path: str, monk
     """Forward and backward of a module's work in channels_last, as the trainer runs it: the fused
     CPU path of attnbench.pooling.gate side by side with the same gate as torch ops."""
     if path == "torch-ops":
-        monkeypatch.setattr(pooling, "_fusable", lambda x: False)
+        monkeypatch.setattr(pooling, "_fusable", lambda *tensors: False)
     module = module_work(name).train().to(memory_format=torch.channels_last)
     x, dy = (torch.randn(SHAPE).to(memory_format=torch.channels_last) for _ in range(2))
     x.requires_grad_()
     grads = benchmark(lambda: torch.autograd.grad(module(x), [x, *module.parameters()], dy))
+    assert grads[0].shape == x.shape and all(g is not None for g in grads)
+
+
+@pytest.mark.benchmark(group="block-tail")
+@pytest.mark.parametrize("path", ["fused-tail", "torch-tail"])
+@pytest.mark.parametrize("name", ["none", "se", "cbam", "iebn", "spe"])
+def test_block_tail_train_step(benchmark: BenchmarkFixture, name: str, path: str) -> None:
+    """Forward and backward of relu(work(x) + shortcut), the end of a post-activation block, at
+    ResNet-164's first stage (where the tail's passes cost most): the module's work writing the
+    add and the ReLU itself (none: torch's one-pass _add_relu) side by side with the add and the
+    ReLU as torch ops after it."""
+    shape = (128, 64, 32, 32)
+    work = None if name == "none" else module_work(name, shape[1]).train().to(memory_format=torch.channels_last)
+    params = [] if work is None else list(work.parameters())
+    x, shortcut, dy = (torch.randn(shape).to(memory_format=torch.channels_last) for _ in range(3))
+    x.requires_grad_(), shortcut.requires_grad_()
+
+    def tail() -> torch.Tensor:
+        if path == "torch-tail":
+            return torch.relu((x if work is None else work(x)) + shortcut)
+        return residual.add(x, shortcut, relu=True) if work is None else work(x, residual=shortcut, relu=True)
+
+    grads = benchmark(lambda: torch.autograd.grad(tail(), [x, shortcut, *params], dy))
     assert grads[0].shape == x.shape and all(g is not None for g in grads)
 
 

@@ -48,18 +48,27 @@ class Attention(nn.Module):
         return (z.sigmoid(), z.tanh()) if self.shift else z.sigmoid()
 
 
-def _run(x: torch.Tensor, pools: list[str], over: str, shift: bool, fused_path: bool, monkeypatch) -> tuple:
+def _residual(x: torch.Tensor) -> torch.Tensor:
+    """A block's shortcut for x: NCHW whatever x's layout, spread over [-4, 4], so that a ReLU after
+    x * scale + it cuts some values and keeps others."""
+    r = _distinct(tuple(x.shape), seed=3)
+    return ((r - r.min()) / max(r.max() - r.min(), 1e-6) * 8 - 4).requires_grad_()
+
+
+def _run(x: torch.Tensor, pools: list[str], over: str, shift: bool, fused_path: bool, monkeypatch,
+         tail: str = "none") -> tuple:
     shape = (x.shape[0], x.shape[1], 1, 1) if over == "pixels" else (x.shape[0], 1, *x.shape[2:])
     attention = Attention(pools, shape, shift)
+    residual = None if tail == "none" else _residual(x)
     with monkeypatch.context() as patch:
         if not fused_path:
-            patch.setattr(pooling, "_fusable", lambda x: False)
+            patch.setattr(pooling, "_fusable", lambda *tensors: False)
         x = x.detach().requires_grad_()
-        y = gate(x, pools, attention, attention.parameters(), over=over)
+        y = gate(x, pools, attention, attention.parameters(), over=over, residual=residual, relu=tail == "add+relu")
         # channels_last also for NCHW inputs: gate() must bring dy to x's layout itself
         dy = _distinct(tuple(y.shape), seed=2).contiguous(memory_format=torch.channels_last)
         y.backward(dy)
-    return y.detach(), x.grad, [p.grad for p in attention.parameters()]
+    return y.detach(), x.grad, [p.grad for p in attention.parameters()] + ([] if residual is None else [residual.grad])
 
 
 CASES = [(["mean"], "pixels", False), (["max", "min"], "pixels", False), (["mean", "max"], "pixels", False),
@@ -84,6 +93,34 @@ def test_fused_gate_matches_torch_ops(pools, over, shift, case, monkeypatch) -> 
         assert dx.is_contiguous(memory_format=LAYOUTS[case])
     for fmt in LAYOUTS.values():  # both paths hand on the same layout (a channel slice: channels_last)
         assert y.is_contiguous(memory_format=fmt) == y_ref.is_contiguous(memory_format=fmt)
+
+
+@needs_kernels
+@pytest.mark.parametrize("pools, over, shift", CASES, ids=lambda v: "+".join(v) if isinstance(v, list) else str(v))
+@pytest.mark.parametrize("case", [*LAYOUTS, "channel-slice"])
+@pytest.mark.parametrize("tail", ["add", "add+relu"])
+def test_fused_gate_adds_a_residual_and_relu_as_torch_ops_do(pools, over, shift, case, tail, monkeypatch) -> None:
+    """A block's residual add and ReLU, written with the product: the output, and the gradients of
+    x, the residual and the parameters through the ReLU, as gate() + residual, then relu."""
+    x = _input(case)
+    y, dx, dparams = _run(x, pools, over, shift, True, monkeypatch, tail)
+    y_ref, dx_ref, dparams_ref = _run(x, pools, over, shift, False, monkeypatch, tail)
+    if tail == "add+relu":
+        assert (y == 0).any() and (y > 0).any(), "the ReLU must cut some values and keep others"
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    assert torch.allclose(dx, dx_ref, atol=1e-4)
+    for got, want in zip(dparams, dparams_ref, strict=True):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_residual_of_another_shape_is_an_error_on_both_paths(monkeypatch) -> None:
+    x = _input("channels_last")
+    for fused_path in (True, False):
+        with monkeypatch.context() as patch:
+            if not fused_path:
+                patch.setattr(pooling, "_fusable", lambda *tensors: False)
+            with pytest.raises(ValueError, match="residual must have its input's shape"):
+                gate(x, ["mean"], lambda m: m.sigmoid(), [], residual=torch.zeros(2, 5, 6, 1))
 
 
 @needs_kernels
@@ -114,7 +151,7 @@ def test_a_tie_sends_the_whole_gradient_to_its_first_element(layout: str) -> Non
 @pytest.mark.parametrize("fused_path", [True, False])
 def test_bad_gates_are_errors_on_both_paths(fused_path: bool, monkeypatch) -> None:
     if not fused_path:
-        monkeypatch.setattr(pooling, "_fusable", lambda x: False)
+        monkeypatch.setattr(pooling, "_fusable", lambda *tensors: False)
     x = _input("channels_last")
     with pytest.raises(ValueError, match=r"must return \(2, 5, 1, 1\)"):
         gate(x, ["mean"], lambda m: m.flatten(1), [])
@@ -148,7 +185,7 @@ class Scaled(nn.Module):
 @pytest.mark.parametrize("fused_path", [True, False])
 def test_a_module_method_trains_its_module_and_a_plain_callable_needs_params(fused_path: bool, monkeypatch) -> None:
     if not fused_path:
-        monkeypatch.setattr(pooling, "_fusable", lambda x: False)
+        monkeypatch.setattr(pooling, "_fusable", lambda *tensors: False)
     module = Scaled(torch.ones(1, 5, 1, 1))
     gate(_input("channels_last"), ["mean"], module.attention).sum().backward()
     assert module.weight.grad is not None and module.weight.grad.abs().sum() > 0
@@ -184,7 +221,7 @@ def test_an_attention_without_gradient_leaves_only_the_product() -> None:
 
 def test_inputs_the_kernels_cannot_take_use_torch_ops() -> None:
     empty = torch.zeros(2, 3, 0, 4, requires_grad=True)
-    assert not pooling._fusable(empty)
+    assert not pooling._fusable(empty, None)
     assert gate(empty, ["mean"], lambda m: m, []).shape == empty.shape
     with pytest.raises(ValueError, match="contiguous float32"):
         fused.sums(torch.zeros(2, 3, 4, dtype=torch.float64), None, False)
@@ -285,36 +322,42 @@ class TwoGates(nn.Module):
     def spatial_attention(self, *pooled: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.conv2d(torch.cat(pooled, 1), self.spatial_conv, padding=1).sigmoid()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
         return pooling.channel_spatial_gate(x, self.channel_pools, self.channel_attention, self.spatial_pools,
-                                            self.spatial_attention)
+                                            self.spatial_attention, residual=residual, relu=relu)
 
 
-def _run_two_gates(x: torch.Tensor, channel_pools: list[str], spatial_pools: list[str], fused_path: bool, monkeypatch) -> tuple:
+def _run_two_gates(x: torch.Tensor, channel_pools: list[str], spatial_pools: list[str], fused_path: bool, monkeypatch,
+                   tail: str = "none") -> tuple:
     module = TwoGates(x.shape[1], channel_pools, spatial_pools)
+    residual = None if tail == "none" else _residual(x)
     with monkeypatch.context() as patch:
         if not fused_path:
-            patch.setattr(pooling, "_fusable", lambda x: False)
+            patch.setattr(pooling, "_fusable", lambda *tensors: False)
         x = x.detach().requires_grad_()
-        y = module(x)
+        y = module(x, residual, tail == "add+relu")
         y.backward(_distinct(tuple(y.shape), seed=2))
-    return y, x.grad, [p.grad for p in module.parameters()]
+    return y, x.grad, [p.grad for p in module.parameters()] + ([] if residual is None else [residual.grad])
 
 
 @needs_kernels
 @pytest.mark.parametrize("channel_pools, spatial_pools", [(["mean", "max"], ["max", "mean"]), (["max"], ["mean"]),
                                                           (["mean"], ["max"])], ids=str)
 @pytest.mark.parametrize("case", ["channels_last", "batch-1", "one-pixel", "20-channels"])
-def test_fused_channel_then_spatial_gate_matches_two_gates(channel_pools, spatial_pools, case, monkeypatch) -> None:
+@pytest.mark.parametrize("tail", ["none", "add", "add+relu"])
+def test_fused_channel_then_spatial_gate_matches_two_gates(channel_pools, spatial_pools, case, tail, monkeypatch) -> None:
     """One Function that never writes the channel gate's output, against the two gates as torch ops
-    (20 channels: the kernels' eight-lane loops and their tails)."""
+    (20 channels: the kernels' eight-lane loops and their tails), with a block's residual add and
+    ReLU or without."""
     x = _distinct((2, 20, 5, 6)).to(memory_format=torch.channels_last) if case == "20-channels" else _input(case)
-    y, dx, dparams = _run_two_gates(x, channel_pools, spatial_pools, True, monkeypatch)
+    y, dx, dparams = _run_two_gates(x, channel_pools, spatial_pools, True, monkeypatch, tail)
     assert type(y.grad_fn).__name__ == "_FusedChannelSpatialGateBackward"
-    y_ref, dx_ref, dparams_ref = _run_two_gates(x, channel_pools, spatial_pools, False, monkeypatch)
+    y_ref, dx_ref, dparams_ref = _run_two_gates(x, channel_pools, spatial_pools, False, monkeypatch, tail)
+    if tail == "add+relu":
+        assert (y == 0).any() and (y > 0).any(), "the ReLU must cut some values and keep others"
     assert torch.allclose(y, y_ref, atol=1e-5)
     assert torch.allclose(dx, dx_ref, atol=1e-4) and dx.is_contiguous(memory_format=torch.channels_last)
-    for got, want in zip(dparams, dparams_ref):
+    for got, want in zip(dparams, dparams_ref, strict=True):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
 
 

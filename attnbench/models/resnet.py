@@ -7,7 +7,8 @@ residual add. The pre-activation net (PreResNet) runs BN-ReLU-conv inside blocks
 shortcut and a final BN-ReLU before the pool.
 
 Every block asks the attention spec for its norms, for its gate and (once per stage) for shared
-state, so no module needs a branch here.
+state, so no module needs a branch here. A block ends in attnbench.residual.finish, which lets
+its last layer add the shortcut (and apply the ReLU) as it writes its output.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 
 from attnbench.errors import UserError
 from attnbench.models.conv import Conv2d
+from attnbench.residual import finish
 from attnbench.registry import ModuleSpec
 
 Norm = Callable[[int], nn.Module]
@@ -42,7 +44,16 @@ def projection(in_ch: int, out_ch: int, stride: int, with_bn: bool) -> nn.Module
     return nn.Sequential(*layers)
 
 
-class BasicBlock(nn.Module):
+class Block(nn.Module):
+    """What every block has: a shortcut, which is x itself unless the block changes its shape."""
+
+    shortcut: nn.Module | None
+
+    def skip(self, x: Tensor) -> Tensor:
+        return x if self.shortcut is None else self.shortcut(x)
+
+
+class BasicBlock(Block):
     expansion = 1
 
     def __init__(self, in_ch: int, planes: int, stride: int, norm: Norm, gate: nn.Module):
@@ -55,11 +66,10 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.gate(self.bn2(self.conv2(out)))
-        return self.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+        return finish((self.bn2, self.gate), self.conv2(out), self.skip(x), relu=True)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(Block):
     expansion = 4
 
     def __init__(self, in_ch: int, planes: int, stride: int, norm: Norm, gate: nn.Module):
@@ -74,11 +84,10 @@ class Bottleneck(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.gate(self.bn3(self.conv3(out)))
-        return self.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+        return finish((self.bn3, self.gate), self.conv3(out), self.skip(x), relu=True)
 
 
-class PreActBasicBlock(nn.Module):
+class PreActBasicBlock(Block):
     expansion = 1
 
     def __init__(self, in_ch: int, planes: int, stride: int, norm: Norm, gate: nn.Module):
@@ -91,11 +100,10 @@ class PreActBasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.conv1(self.relu(self.bn1(x)))
-        out = self.gate(self.conv2(self.relu(self.bn2(out))))
-        return out + (x if self.shortcut is None else self.shortcut(x))
+        return finish((self.conv2, self.gate), self.relu(self.bn2(out)), self.skip(x), relu=False)
 
 
-class PreActBottleneck(nn.Module):
+class PreActBottleneck(Block):
     expansion = 4
 
     def __init__(self, in_ch: int, planes: int, stride: int, norm: Norm, gate: nn.Module):
@@ -110,8 +118,7 @@ class PreActBottleneck(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.conv1(self.relu(self.bn1(x)))
         out = self.conv2(self.relu(self.bn2(out)))
-        out = self.gate(self.conv3(self.relu(self.bn3(out))))
-        return out + (x if self.shortcut is None else self.shortcut(x))
+        return finish((self.conv3, self.gate), self.relu(self.bn3(out)), self.skip(x), relu=False)
 
 
 BLOCKS = {
