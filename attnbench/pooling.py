@@ -10,7 +10,9 @@ min, their positions and the sum together, via fused.py), one write gives the ou
 backward reads dy and x once for the attention's gradient and writes dx once, with the pooling's
 gradient folded in (a constant per row for a mean, one element per row for a max or min). A gate
 that ends a block is also handed the block's shortcut (attnbench.residual) and writes
-relu(x * scale + shortcut) in that one write, so the block's add never reads the product back.
+relu(x * scale + shortcut) in that one write, reading the shortcut as it goes, so the block's add
+never reads the product back; its backward then starts with torch's threshold_backward, the pass
+that the block's ReLU would have made anyway.
 
 The attention itself runs as ordinary autograd on the small pooled tensors: its graph is built in
 the forward and differentiated inside the backward, as torch.utils.checkpoint does, so a module
@@ -46,8 +48,8 @@ def gate(x: Tensor, pools: Sequence[str], attention: Callable[..., Scale], param
     "min". The attention returns a scale of that same shape, or a (scale, shift) pair for
     x * scale + shift. It is normally a method of the module (or a functools.partial of one),
     whose parameters are then the ones it trains; any other callable gives them as `params`.
-    A block's tail comes with it: plus `residual` (x's shape), then a ReLU if `relu`, written
-    in the same pass as the product (see attnbench.residual)."""
+    A block's tail comes with it: plus `residual` (x's shape, if given), then a ReLU if `relu`,
+    written in the same pass as the product (see attnbench.residual)."""
     if over not in DIMS or not set(pools) <= set(POOLS) or len(set(pools)) != len(pools):
         raise ValueError(f"gate over {over!r} with pools {pools!r}: use over pixels or channels, each pool once from {POOLS}")
     _check_residual(x, residual)
@@ -58,7 +60,9 @@ def gate(x: Tensor, pools: Sequence[str], attention: Callable[..., Scale], param
     _check_shape(scale, _pooled_shape(x, over))
     scale = _as_tuple(scale)
     y = (x * scale[0] if len(scale) == 1 else torch.addcmul(scale[1], x, scale[0])).to(x.dtype)
-    return y if residual is None else add_residual(y, residual, relu)
+    if residual is not None:
+        return add_residual(y, residual, relu)
+    return y.relu() if relu else y
 
 
 def channel_spatial_gate(x: Tensor, channel_pools: Sequence[str], channel_attention: Callable[..., Tensor],

@@ -11,8 +11,9 @@ block without knowing which module it is building:
 
 A gate, or a norm that ends a block without one, may take the block's residual add and ReLU:
 if its forward accepts ``residual`` and ``relu`` keywords it is called as
-``forward(x, residual=shortcut, relu=...)`` and returns ``relu(out + shortcut)`` (see
-attnbench.residual; the gates built on attnbench.pooling pass them on).
+``forward(x, residual=shortcut, relu=...)`` and returns ``out + shortcut``, through a ReLU
+when ``relu`` is true (post-activation blocks); see attnbench.residual. The gates built on
+attnbench.pooling pass both on. Hooks and per-module counts then see the add and ReLU in it.
 
 Every factory also receives the module's options (its constructor keywords, for example
 SPE's initial pooling weights), so tuning an initialisation needs no code in the harness.

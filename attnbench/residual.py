@@ -11,7 +11,9 @@ passes when training on the CPU:
   add and an in-place ReLU: 3.1 ms against 4.0 ms at ResNet-164's first stage, batch 128.
 
 The plain backbone gets the second as much as any module, so a module's overhead over ``none`` is
-still its own cost. Anywhere else (GPU, evaluation, compile) the tail is the add and the ReLU.
+still its own cost. Anywhere else (GPU, no autograd, compile) the tail is the add and the ReLU.
+Like the fused gates, _AddReLU has no double backward (it raises), and torch's _add_relu clamps
++inf to the largest float where a ReLU keeps it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def finish(layers: Sequence[nn.Module], x: Tensor, shortcut: Tensor, relu: bool)
     layer that is not an nn.Identity (a gate, or the last norm of a block without one) adds the
     shortcut itself if its forward takes `residual` and `relu`."""
     layers = [layer for layer in layers if not isinstance(layer, nn.Identity)]
+    if not layers:  # e.g. a plugin's norm that is an identity, in a block without a gate
+        return add(x, shortcut, relu)
     for layer in layers[:-1]:
         x = layer(x)
     if _takes_residual(type(layers[-1])):

@@ -56,7 +56,7 @@ def test_gate_train_step(benchmark: BenchmarkFixture, name: str, path: str, monk
     assert grads[0].shape == x.shape and all(g is not None for g in grads)
 
 
-@pytest.mark.benchmark(group="block-tail")
+@pytest.mark.benchmark(group="block-tail", warmup=True, warmup_iterations=3)
 @pytest.mark.parametrize("path", ["fused-tail", "torch-tail"])
 @pytest.mark.parametrize("name", ["none", "se", "cbam", "iebn", "spe"])
 def test_block_tail_train_step(benchmark: BenchmarkFixture, name: str, path: str) -> None:
@@ -77,6 +77,8 @@ def test_block_tail_train_step(benchmark: BenchmarkFixture, name: str, path: str
 
     grads = benchmark(lambda: torch.autograd.grad(tail(), [x, shortcut, *params], dy))
     assert grads[0].shape == x.shape and all(g is not None for g in grads)
+    ends_in = type(tail().grad_fn).__name__  # the fused tail is one Function; torch's ends in its ReLU
+    assert (ends_in == "ReluBackward0") == (path == "torch-tail"), ends_in
 
 
 @pytest.mark.benchmark(group="conv-weight-grad")

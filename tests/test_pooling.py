@@ -49,22 +49,32 @@ class Attention(nn.Module):
 
 
 def _residual(x: torch.Tensor) -> torch.Tensor:
-    """A block's shortcut for x: NCHW whatever x's layout, spread over [-4, 4], so that a ReLU after
-    x * scale + it cuts some values and keeps others."""
+    """A block's shortcut for x, in the other layout than x's (channels_last for NCHW, else NCHW),
+    spread over [-4, 4], so that a ReLU after x * scale + it cuts some values and keeps others."""
     r = _distinct(tuple(x.shape), seed=3)
-    return ((r - r.min()) / max(r.max() - r.min(), 1e-6) * 8 - 4).requires_grad_()
+    r = (r - r.min()) / max(r.max() - r.min(), 1e-6) * 8 - 4
+    other = torch.channels_last if x.is_contiguous() else torch.contiguous_format
+    return r.contiguous(memory_format=other).requires_grad_()
+
+
+def _with_tail(y: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """The block's tail as torch ops, the reference for a gate that writes it itself."""
+    y = y if residual is None else y + residual
+    return torch.relu(y) if relu else y
 
 
 def _run(x: torch.Tensor, pools: list[str], over: str, shift: bool, fused_path: bool, monkeypatch,
          tail: str = "none") -> tuple:
     shape = (x.shape[0], x.shape[1], 1, 1) if over == "pixels" else (x.shape[0], 1, *x.shape[2:])
     attention = Attention(pools, shape, shift)
-    residual = None if tail == "none" else _residual(x)
+    residual, relu = (None if tail == "none" else _residual(x)), tail == "add+relu"
     with monkeypatch.context() as patch:
-        if not fused_path:
-            patch.setattr(pooling, "_fusable", lambda *tensors: False)
         x = x.detach().requires_grad_()
-        y = gate(x, pools, attention, attention.parameters(), over=over, residual=residual, relu=tail == "add+relu")
+        if fused_path:
+            y = gate(x, pools, attention, attention.parameters(), over=over, residual=residual, relu=relu)
+        else:
+            patch.setattr(pooling, "_fusable", lambda *tensors: False)
+            y = _with_tail(gate(x, pools, attention, attention.parameters(), over=over), residual, relu)
         # channels_last also for NCHW inputs: gate() must bring dy to x's layout itself
         dy = _distinct(tuple(y.shape), seed=2).contiguous(memory_format=torch.channels_last)
         y.backward(dy)
@@ -97,13 +107,16 @@ def test_fused_gate_matches_torch_ops(pools, over, shift, case, monkeypatch) -> 
 
 @needs_kernels
 @pytest.mark.parametrize("pools, over, shift", CASES, ids=lambda v: "+".join(v) if isinstance(v, list) else str(v))
-@pytest.mark.parametrize("case", [*LAYOUTS, "channel-slice"])
+@pytest.mark.parametrize("case", [*LAYOUTS, "batch-1", "one-pixel", "one-channel", "channel-slice"])
 @pytest.mark.parametrize("tail", ["add", "add+relu"])
 def test_fused_gate_adds_a_residual_and_relu_as_torch_ops_do(pools, over, shift, case, tail, monkeypatch) -> None:
     """A block's residual add and ReLU, written with the product: the output, and the gradients of
-    x, the residual and the parameters through the ReLU, as gate() + residual, then relu."""
+    x, the residual and the parameters through the ReLU, as torch ops on gate()'s output."""
     x = _input(case)
+    applied = []
+    monkeypatch.setattr(pooling._FusedGate, "apply", lambda *a, apply=pooling._FusedGate.apply: applied.append(a) or apply(*a))
     y, dx, dparams = _run(x, pools, over, shift, True, monkeypatch, tail)
+    assert applied and applied[0][4] is not None, "the fused path did not run with the residual"
     y_ref, dx_ref, dparams_ref = _run(x, pools, over, shift, False, monkeypatch, tail)
     if tail == "add+relu":
         assert (y == 0).any() and (y > 0).any(), "the ReLU must cut some values and keep others"
@@ -111,6 +124,16 @@ def test_fused_gate_adds_a_residual_and_relu_as_torch_ops_do(pools, over, shift,
     assert torch.allclose(dx, dx_ref, atol=1e-4)
     for got, want in zip(dparams, dparams_ref, strict=True):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fused_path", [True, False])
+def test_a_relu_without_a_residual_applies_on_both_paths(fused_path: bool, monkeypatch) -> None:
+    x = _input("channels_last")
+    if not fused_path:
+        monkeypatch.setattr(pooling, "_fusable", lambda *tensors: False)
+    y = gate(x, ["mean"], lambda m: m.sigmoid(), [], relu=True)
+    assert torch.equal(y, torch.relu(gate(x, ["mean"], lambda m: m.sigmoid(), [])))
+    assert (y == 0).any()
 
 
 def test_a_residual_of_another_shape_is_an_error_on_both_paths(monkeypatch) -> None:
@@ -335,7 +358,7 @@ def _run_two_gates(x: torch.Tensor, channel_pools: list[str], spatial_pools: lis
         if not fused_path:
             patch.setattr(pooling, "_fusable", lambda *tensors: False)
         x = x.detach().requires_grad_()
-        y = module(x, residual, tail == "add+relu")
+        y = module(x, residual, tail == "add+relu") if fused_path else _with_tail(module(x), residual, tail == "add+relu")
         y.backward(_distinct(tuple(y.shape), seed=2))
     return y, x.grad, [p.grad for p in module.parameters()] + ([] if residual is None else [residual.grad])
 

@@ -15,35 +15,30 @@ from conftest import needs_kernels
 pytestmark = pytest.mark.usefixtures("kernels_built_unless_turned_off")
 
 
-def _graph_nodes(t: Tensor) -> set[str]:
-    """Names of every autograd node that t was computed through."""
-    names, seen, todo = set(), set(), [t.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(type(node).__name__)
-        todo.extend(next_node for next_node, _ in node.next_functions)
-    return names
-
-
 def _train_step(module: str, arch: str, block: str, depth: int, fused_tail: bool, monkeypatch) -> tuple:
+    """Output and parameter gradients of one step, and the autograd node each block's output came from."""
     torch.manual_seed(0)
     model = build_model(module, depth, 10, arch=arch, block=block).to(memory_format=torch.channels_last)
     x = torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)
+    tails = []
+    for stage in model.stages:
+        for blk in stage:
+            blk.register_forward_hook(lambda _, __, out: tails.append(type(out.grad_fn).__name__))
     with monkeypatch.context() as patch:
         if not fused_tail:  # the add and the ReLU as torch ops after the last layer; all else alike
             patch.setattr(residual, "_takes_residual", lambda layer_type: False)
             patch.setattr(residual._AddReLU, "apply", lambda y, shortcut: torch.relu(y + shortcut))
         out = model(x)
         F.cross_entropy(out, torch.tensor([0, 1, 2, 3])).backward()
-    return out.detach(), _graph_nodes(out), {name: p.grad for name, p in model.named_parameters()}
+    return out.detach(), tails, {name: p.grad for name, p in model.named_parameters()}
 
 
-# The Function each post-activation block ends in, when training on the CPU with the kernels.
+# The node each block's output comes from when training on the CPU with the kernels: post-activation
+# blocks end in the gate's (or IEBN's) Function, or in _AddReLU; pre-activation blocks in the gate's,
+# or in torch's add after their last conv.
 TAIL = {"none": "_AddReLUBackward", "se": "_FusedGateBackward", "spe": "_FusedGateBackward",
         "iebn": "_FusedGateBackward", "cbam": "_FusedChannelSpatialGateBackward"}
+PREACT_TAIL = {**TAIL, "none": "AddBackward0", "iebn": "AddBackward0"}
 
 
 @needs_kernels
@@ -53,10 +48,10 @@ TAIL = {"none": "_AddReLUBackward", "se": "_FusedGateBackward", "spe": "_FusedGa
 def test_models_train_as_with_the_add_and_relu_as_torch_ops(module, arch, block, depth, monkeypatch) -> None:
     """Against the same model whose blocks end in torch's add and ReLU (the gates' other passes
     are compared with torch ops in test_pooling.py); the sums are the same in the same order."""
-    out, nodes, grads = _train_step(module, arch, block, depth, True, monkeypatch)
-    out_ref, nodes_ref, grads_ref = _train_step(module, arch, block, depth, False, monkeypatch)
-    if arch == "resnet":
-        assert TAIL[module] in nodes and "_AddReLUBackward" not in nodes_ref
+    out, tails, grads = _train_step(module, arch, block, depth, True, monkeypatch)
+    out_ref, tails_ref, grads_ref = _train_step(module, arch, block, depth, False, monkeypatch)
+    assert set(tails) == {(TAIL if arch == "resnet" else PREACT_TAIL)[module]}
+    assert set(tails_ref) == {"ReluBackward0" if arch == "resnet" else "AddBackward0"}
     assert torch.allclose(out, out_ref, rtol=1e-5, atol=1e-6)
     for name, grad in grads.items():
         assert grad is not None, name
@@ -91,6 +86,11 @@ class Spy(nn.Module):
     def forward(self, x: Tensor, residual: Tensor | None = None, relu: bool = False) -> Tensor:
         self.calls.append((x, residual, relu))
         return x
+
+
+def test_finish_without_layers_is_the_add() -> None:
+    x, shortcut = torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3)
+    assert torch.equal(residual.finish((nn.Identity(), nn.Identity()), x, shortcut, relu=True), torch.relu(x + shortcut))
 
 
 def test_finish_hands_the_shortcut_to_the_last_layer_that_takes_it() -> None:
