@@ -59,10 +59,8 @@ def gate(x: Tensor, pools: Sequence[str], attention: Callable[..., Scale], param
     scale = attention(*(_pool(x, p, DIMS[over]) for p in pools))
     _check_shape(scale, _pooled_shape(x, over))
     scale = _as_tuple(scale)
-    y = (x * scale[0] if len(scale) == 1 else torch.addcmul(scale[1], x, scale[0])).to(x.dtype)
-    if residual is not None:
-        return add_residual(y, residual, relu)
-    return y.relu() if relu else y
+    return add_residual((x * scale[0] if len(scale) == 1 else torch.addcmul(scale[1], x, scale[0])).to(x.dtype),
+                        residual, relu)
 
 
 def channel_spatial_gate(x: Tensor, channel_pools: Sequence[str], channel_attention: Callable[..., Tensor],
@@ -151,7 +149,7 @@ def _check_params(attention: Callable, outputs: tuple[Tensor, ...], leaves: list
 
 
 def _fusable(x: Tensor, residual: Tensor | None) -> bool:
-    return x.requires_grad and fused.serves(x) and (residual is None or fused.serves(residual))
+    return x.requires_grad and fused.serves(*(t for t in (x, residual) if t is not None))
 
 
 def _check_residual(x: Tensor, residual: Tensor | None) -> None:

@@ -29,8 +29,10 @@ from torch.autograd.function import once_differentiable
 from attnbench import fused
 
 
-def add(y: Tensor, shortcut: Tensor, relu: bool) -> Tensor:
-    """y + shortcut, then a ReLU if `relu`."""
+def add(y: Tensor, shortcut: Tensor | None, relu: bool) -> Tensor:
+    """y + shortcut (if there is one), then a ReLU if `relu`."""
+    if shortcut is None:
+        return y.relu() if relu else y
     if relu and shortcut.shape == y.shape and (y.requires_grad or shortcut.requires_grad) and fused.serves(y, shortcut):
         return _AddReLU.apply(y, shortcut)
     out = y + shortcut

@@ -68,7 +68,8 @@ def test_block_tail_train_step(benchmark: BenchmarkFixture, name: str, path: str
     work = None if name == "none" else module_work(name, shape[1]).train().to(memory_format=torch.channels_last)
     params = [] if work is None else list(work.parameters())
     x, shortcut, dy = (torch.randn(shape).to(memory_format=torch.channels_last) for _ in range(3))
-    x.requires_grad_(), shortcut.requires_grad_()
+    x.requires_grad_()
+    shortcut.requires_grad_()
 
     def tail() -> torch.Tensor:
         if path == "torch-tail":
