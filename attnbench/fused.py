@@ -1,12 +1,13 @@
-"""The CPU kernels in C (kernels.c) of the gates and of two kinds of convolution, compiled on
-first use and called through ctypes.
+"""The CPU kernels in C (kernels.c) of the gates, the batch norm and two kinds of convolution,
+compiled on first use and called through ctypes.
 
 Why C: eager PyTorch has no op that sums a product without writing the product out first, and
 none that finds a max and a min with their positions in one read. On a 2-core CPU, where a
 gate's cost is its passes over memory, those extra passes made a first-stage ResNet-164 block
 with a gate cost 1.16x (SE) to 1.83x (CBAM) a plain one. oneDNN computes the weight gradient of
 the CIFAR ResNets' 3x3 convs in 1.2-1.4x the time kernels.c takes, and a conv with a handful of
-channels (CBAM's 7x7 from 2 maps to 1) in 2.8x. The file is plain C (no torch headers), so it
+channels (CBAM's 7x7 from 2 maps to 1) in 2.8x. A batch norm with the ReLU after it is two
+passes each way in C against torch's separate norm and ReLU (attnbench/norm.py). The file is plain C (no torch headers), so it
 builds with the system C compiler in well under a second, and the library goes to the
 user's cache under a name that hashes the source, the compiler and its flags. Without a C
 compiler, or off the CPU, callers use torch ops instead (library() returns None and warns once).
@@ -92,24 +93,30 @@ def library() -> ctypes.CDLL | None:
         lib.outer_row_dots.argtypes = [p, p, p, i64, i64, i64, p, i32]
         lib.outer_col_sums.argtypes = [p, p, p, p, p, p, i64, i64, i64, p, i32]
         lib.outer_scale.argtypes = [p, p, p, p, p, p, p, p, p, p, i32, i64, i64, i64, p, i32]
+        f64 = ctypes.c_double
+        lib.norm_forward.argtypes = [p, p, p, f64, p, p, f64, p, i32, i64, i64, p, p, p, i32]
+        lib.norm_backward.argtypes = [p, p, p, p, p, p, p, i32, i64, i64, p, p, p, p, i32]
     except (OSError, AttributeError) as exc:
         return _fall_back(f"cannot load {path} ({exc}); delete it to rebuild")
     return lib
 
 
-def serves(*tensors: Tensor) -> bool:
-    """Whether the kernels can serve a training op on these tensors (an input, and a weight if
-    the op has one): plain dense non-empty 4-d float32 CPU tensors (or parameters) with autograd
-    on, outside autocast (which picks each op's precision; the kernels are float32), compile,
-    tracing and torch.func (whose transforms need setup_context, which the Functions running a
-    graph of their own inside cannot give), with the kernels built. Off these, callers run the
-    torch ops. Forward-mode AD (torch.autograd.forward_ad) is not detected: it raises."""
+def serves(*tensors: Tensor, params: Sequence[Tensor] = ()) -> bool:
+    """Whether the kernels can serve a training op on these tensors (4-d activations, and a conv's
+    weight) and `params` (of any shape: a norm's weight and bias): plain dense non-empty float32
+    CPU tensors (or parameters) with autograd on, outside autocast (which picks each op's
+    precision; the kernels are float32), compile, tracing and torch.func (whose transforms need
+    setup_context, which the Functions running a graph of their own inside cannot give), with the
+    kernels built. Off these, callers run the torch ops. Forward-mode AD
+    (torch.autograd.forward_ad) is not detected: it raises."""
     return (torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing() and all(
-                type(t) in (Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
-                and t.layout == torch.strided and t.dim() == 4 and t.numel() > 0
-                and not torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
-            and library() is not None)
+            and not torch.jit.is_tracing() and all(_plain(t) and t.dim() == 4 for t in tensors)
+            and all(_plain(p) for p in params) and library() is not None)
+
+
+def _plain(t: Tensor) -> bool:
+    return (type(t) in (Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
+            and t.layout == torch.strided and t.numel() > 0 and not torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 def _library() -> ctypes.CDLL:
@@ -266,6 +273,59 @@ def outer_scale(x: Tensor, a: Tensor, s: Tensor, out: Tensor, t: Tensor | None =
     pointers = [v.data_ptr() for v in operands] + [None] * (8 - len(operands))
     _checked(_library().outer_scale(x.data_ptr(), *pointers, _ptr(residual), relu, n, m, k, out.data_ptr(),
                                     torch.get_num_threads()))
+
+
+# Batch norm over a channels_last activation read as (rows = N*H*W, c channels); see kernels.c.
+
+def _norm_operands(x: Tensor, activations: Sequence[Tensor | None], per_channel: Sequence[Tensor | None]) -> tuple[int, int]:
+    """rows and channels of x; checks what the C code relies on: activations (None skipped)
+    channels_last float32 CPU tensors of x's shape, per-channel tensors contiguous float32 of c
+    values, since a wrong pointer there is a crash, not an exception."""
+    c = x.shape[1] if x.dim() == 4 else 0
+    for t in (x, *activations):
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or t.shape != x.shape or c == 0
+                              or not t.is_contiguous(memory_format=torch.channels_last)):
+            raise ValueError(f"the norm kernels take non-empty channels_last float32 CPU tensors of one shape, got "
+                             f"{t.dtype} {tuple(t.shape)} with x {tuple(x.shape)}")
+    for t in per_channel:
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or t.shape != (c,)
+                              or not t.is_contiguous()):
+            raise ValueError(f"the norm kernels take {c} float32 values per channel, got {t.dtype} {tuple(t.shape)}")
+    rows = x.numel() // c
+    if rows < 2:
+        raise ValueError(f"batch norm needs more than 1 value per channel, got input {tuple(x.shape)}")
+    return rows, c
+
+
+def norm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, running: tuple[Tensor, Tensor] | None,
+                 factor: float, residual: Tensor | None = None, relu: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """A training step's batch norm of x (N, C, H, W, channels_last): (out, mean, invstd), out =
+    relu(weight * (x - mean) * invstd + bias + residual) with the residual and the ReLU optional,
+    and the running (mean, variance), if given, moved in place by `factor` towards the batch's
+    mean and unbiased variance."""
+    running_mean, running_var = running if running is not None else (None, None)
+    rows, c = _norm_operands(x, [residual], [weight, bias, running_mean, running_var])
+    out, mean, invstd = torch.empty_like(x), torch.empty(c), torch.empty(c)
+    if _library().norm_forward(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), eps, _ptr(running_mean),
+                               _ptr(running_var), factor, _ptr(residual), relu, rows, c, out.data_ptr(),
+                               mean.data_ptr(), invstd.data_ptr(), torch.get_num_threads()):
+        raise MemoryError("norm_forward: out of memory for its sums")
+    return out, mean, invstd
+
+
+def norm_backward(x: Tensor, grad: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor, relu: bool,
+                  out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """norm_forward's gradients: (dx, d_weight, d_bias, masked), from the gradient of its output.
+    The ReLU's mask is recomputed from x, or read from `out` where a residual was added before
+    the ReLU; then masked, the gradient past the ReLU, is returned too (None otherwise)."""
+    rows, c = _norm_operands(x, [grad, out], [mean, invstd, weight, bias])
+    dx, d_weight, d_bias = torch.empty_like(x), torch.empty(c), torch.empty(c)
+    masked = torch.empty_like(x) if out is not None else None
+    if _library().norm_backward(x.data_ptr(), grad.data_ptr(), _ptr(out), mean.data_ptr(), invstd.data_ptr(),
+                                weight.data_ptr(), bias.data_ptr(), relu, rows, c, _ptr(masked), dx.data_ptr(),
+                                d_weight.data_ptr(), d_bias.data_ptr(), torch.get_num_threads()):
+        raise MemoryError("norm_backward: out of memory for its sums")
+    return dx, d_weight, d_bias, masked
 
 
 def _dense(layout: torch.memory_format, *tensors: Tensor) -> None:

@@ -4,14 +4,18 @@
    either the middle dim (results per (n, k)) or the last dim (results per (n, m)), or broadcast
    along one of them. A channels_last activation is (N, H*W, C) and an NCHW one (N, C, H*W), so
    pooling over pixels or over channels is one of the two in either layout.
+   Batch norm: norm_forward and norm_backward, a training step's batch norm over a channels_last
+   activation with the ReLU after it (and a block's residual add), two passes each way.
    Convolutions: conv_weight_grad, the weight gradient of the CIFAR ResNets' 16-64 channel convs,
    which oneDNN computes in 1.2-1.4x the time; conv_same and conv_same_weight_grad, a direct
    loop for convs with a handful of channels, where oneDNN is slower still.
 
    attnbench/fused.py compiles this file and calls it through ctypes. Sums accumulate in double,
-   except the convolution's (in float, as oneDNN's). Loops run on the OpenMP threads of the
+   except the convolution's (in float, as oneDNN's) and the batch norm's (in float over 16
+   values, then in double). Loops run on the OpenMP threads of the
    libgomp that torch loaded. */
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -361,6 +365,223 @@ int outer_scale(const float *x, const float *a, const float *s, const float *t, 
     }
     if (t) bad |= add_column_peaks(out, n, m, k, col_at, col_peak, threads);
     return bad ? -1 : 0;
+}
+
+/* Batch norm over a channels_last activation read as (rows = N*H*W, c channels), with the ReLU
+   that follows it in a block (and the residual add, where a norm ends a block without a gate):
+   2 passes forward (the statistics, then the output) and 2 back (two sums per channel, then the
+   input gradient), where torch's batch norm, add and ReLU make 4 to 7 each way. The ReLU's mask
+   is recomputed from x by the same expression that made the output (norm_value), so the
+   backward reads no output; only with a residual, whose sum it cannot recompute, does it read
+   the output. Rows go in spans of norm_span_rows(c) rows, with every per-channel value repeated
+   along a span, so that each loop is a long unit-stride one whatever c is (a loop over one row of
+   16 channels ran at half the speed). Sums add into float lanes for NORM_CHUNK spans, then into
+   double, per thread, and the threads' sums are added in thread order. Everything per channel
+   is computed here too: from Python, each of those small tensor ops costs more than a pass over
+   ResNet-20's last-stage activations. */
+#define NORM_CHUNK 16
+static inline int64_t norm_span_rows(int64_t c) { return c >= 256 ? 1 : 256 / c; }
+static inline float norm_value(float x, float mean, float scale, float shift) { return (x - mean) * scale + shift; }
+/* g where the ReLU passed its input v (v > 0, or NaN, as in torch's threshold_backward), else 0,
+   as a bit mask: written as `v <= 0 ? 0 : g`, GCC 12 loads g with masked loads, which cost the
+   backward a third of its time on Zen 3. */
+static inline float relu_grad(float g, float v) {
+    int32_t bits, keep = -(int32_t)!(v <= 0.0f);
+    memcpy(&bits, &g, sizeof bits);
+    bits &= keep;
+    memcpy(&g, &bits, sizeof g);
+    return g;
+}
+static void norm_scale(const float *weight, const float *invstd, int64_t c, float *scale) {
+    for (int64_t j = 0; j < c; j++) scale[j] = weight[j] * invstd[j];
+}
+
+/* Per-thread scratch: one span of floats per per-channel input (zeros for NULL), repeated. */
+static float *norm_scratch(int64_t c, int64_t span, const float *const *per_channel, int arrays) {
+    float *s = malloc((size_t)(arrays * span) * sizeof(float));
+    if (!s) return NULL;
+    for (int a = 0; a < arrays; a++)
+        for (int64_t j = 0; j < span; j++) s[a * span + j] = per_channel[a] ? per_channel[a][j % c] : 0.0f;
+    return s;
+}
+
+/* Per channel, sum_g = sum of g and sum_gx = sum of g * (x - mean) over the rows, where g is dy
+   with zeros where the ReLU was off (out <= 0 if out is given, else norm_value(x) <= 0 if relu,
+   as torch's threshold_backward) and, without dy, x - mean: then the sums are those of the
+   centred x and its square. If g_out is given, g is written there. */
+static int norm_sums(const float *x, const float *dy, const float *out, const float *mean, const float *scale,
+                     const float *shift, int relu, int64_t rows, int64_t c, float *g_out, double *sum_g,
+                     double *sum_gx, int threads) {
+    int64_t span_rows = norm_span_rows(c), span = span_rows * c, spans = (rows + span_rows - 1) / span_rows;
+    double *part = calloc((size_t)(2 * threads * span), sizeof(double));
+    if (!part) return -1;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const float *inputs[5] = {mean, scale, shift, NULL, NULL};
+        float *s = norm_scratch(c, span, inputs, 5), *mu = s, *sc = s + span, *sh = s + 2 * span;
+        float *lane_g = s + 3 * span, *lane_gx = s + 4 * span;
+        double *my_g = part + 2 * t * span, *my_gx = my_g + span;
+        if (!s) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        for (int64_t b0 = spans * t / nt, end = spans * (t + 1) / nt; s && b0 < end; b0 += NORM_CHUNK) {
+            for (int64_t b = b0; b < b0 + NORM_CHUNK && b < end; b++) {
+                int64_t at = b * span, len = b < spans - 1 ? span : (rows - b * span_rows) * c;
+                const float *xr = x + at, *dr = dy ? dy + at : NULL, *yr = out ? out + at : NULL;
+                float *gr = g_out ? g_out + at : NULL;
+                if (!dr) {
+                    #pragma omp simd
+                    for (int64_t j = 0; j < len; j++) { float d = xr[j] - mu[j]; lane_g[j] += d; lane_gx[j] += d * d; }
+                } else if (yr) {
+                    #pragma omp simd
+                    for (int64_t j = 0; j < len; j++) {
+                        float g = relu_grad(dr[j], yr[j]);
+                        gr[j] = g;
+                        lane_g[j] += g;
+                        lane_gx[j] += g * (xr[j] - mu[j]);
+                    }
+                } else if (relu) {
+                    #pragma omp simd
+                    for (int64_t j = 0; j < len; j++) {
+                        float g = relu_grad(dr[j], norm_value(xr[j], mu[j], sc[j], sh[j]));
+                        lane_g[j] += g;
+                        lane_gx[j] += g * (xr[j] - mu[j]);
+                    }
+                } else {
+                    #pragma omp simd
+                    for (int64_t j = 0; j < len; j++) {
+                        lane_g[j] += dr[j];
+                        lane_gx[j] += dr[j] * (xr[j] - mu[j]);
+                    }
+                }
+            }
+            for (int64_t j = 0; j < span; j++) {
+                my_g[j] += lane_g[j];
+                my_gx[j] += lane_gx[j];
+                lane_g[j] = lane_gx[j] = 0.0f;
+            }
+        }
+        free(s);
+    }
+    for (int64_t j = 0; j < c; j++) sum_g[j] = sum_gx[j] = 0.0;
+    for (int t = 0; t < threads; t++)
+        for (int64_t j = 0; j < span; j++) {
+            sum_g[j % c] += part[2 * t * span + j];
+            sum_gx[j % c] += part[(2 * t + 1) * span + j];
+        }
+    free(part);
+    return failed ? -1 : 0;
+}
+
+/* Forward (dy NULL): out = norm_value(x) + residual (if not NULL), then max(., 0) if relu.
+   Backward: out = g * dy_scale + (x - mean) * x_scale + bias, g being dy with zeros where
+   norm_value(x) <= 0 if relu: the input gradient. */
+static int norm_apply(const float *x, const float *dy, const float *residual, const float *mean, const float *scale,
+                      const float *shift, const float *dy_scale, const float *x_scale, const float *bias, int relu,
+                      int64_t rows, int64_t c, float *out, int threads) {
+    int64_t span_rows = norm_span_rows(c), span = span_rows * c, spans = (rows + span_rows - 1) / span_rows;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        const float *inputs[6] = {mean, scale, shift, dy_scale, x_scale, bias};
+        float *s = norm_scratch(c, span, inputs, dy ? 6 : 3), *mu = s, *sc = s + span, *sh = s + 2 * span;
+        float *k1 = s + 3 * span, *k2 = s + 4 * span, *k3 = s + 5 * span;
+        if (!s) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < spans; b++) {
+            if (!s) continue;
+            int64_t at = b * span, len = b < spans - 1 ? span : (rows - b * span_rows) * c;
+            const float *xr = x + at;
+            float *yr = out + at;
+            if (dy && relu) {
+                const float *dr = dy + at;
+                #pragma omp simd
+                for (int64_t j = 0; j < len; j++) {
+                    float g = relu_grad(dr[j], norm_value(xr[j], mu[j], sc[j], sh[j]));
+                    yr[j] = g * k1[j] + (xr[j] - mu[j]) * k2[j] + k3[j];
+                }
+            } else if (dy) {
+                const float *dr = dy + at;
+                #pragma omp simd
+                for (int64_t j = 0; j < len; j++) yr[j] = dr[j] * k1[j] + (xr[j] - mu[j]) * k2[j] + k3[j];
+            } else {
+                const float *rr = residual ? residual + at : NULL;
+                if (rr) {
+                    #pragma omp simd
+                    for (int64_t j = 0; j < len; j++) yr[j] = norm_value(xr[j], mu[j], sc[j], sh[j]) + rr[j];
+                } else {
+                    #pragma omp simd
+                    for (int64_t j = 0; j < len; j++) yr[j] = norm_value(xr[j], mu[j], sc[j], sh[j]);
+                }
+                if (relu) {  /* on the span while it is in L1; a NaN stays NaN, as in torch */
+                    #pragma omp simd
+                    for (int64_t j = 0; j < len; j++) yr[j] = yr[j] < 0.0f ? 0.0f : yr[j];
+                }
+            }
+        }
+        free(s);
+    }
+    return failed ? -1 : 0;
+}
+
+/* A training step's batch norm: from the batch's statistics (sums about x's first row, so that
+   the variance does not cancel), mean and invstd (kept for the backward), the running averages
+   moved by `factor` towards the mean and the unbiased variance (if running_mean is not NULL), and
+   out = relu(weight * (x - mean) * invstd + bias + residual), residual and ReLU optional.
+   Returns -1 when memory runs out. */
+int norm_forward(const float *x, const float *weight, const float *bias, double eps, float *running_mean,
+                 float *running_var, double factor, const float *residual, int relu, int64_t rows, int64_t c,
+                 float *out, float *mean, float *invstd, int threads) {
+    double *sums = malloc((size_t)(2 * c) * sizeof(double));
+    float *scale = malloc((size_t)c * sizeof(float));
+    int failed = !sums || !scale || norm_sums(x, NULL, NULL, x, NULL, NULL, 0, rows, c, NULL, sums, sums + c, threads);
+    for (int64_t j = 0; !failed && j < c; j++) {
+        double offset = sums[j] / rows, var = sums[c + j] / rows - offset * offset;
+        var = var > 0.0 ? var : 0.0;
+        mean[j] = (float)(x[j] + offset);
+        invstd[j] = (float)(1.0 / sqrt(var + eps));
+        if (running_mean) {
+            running_mean[j] += (float)(factor * (x[j] + offset - running_mean[j]));
+            running_var[j] += (float)(factor * (var * rows / (rows - 1) - running_var[j]));
+        }
+    }
+    if (!failed) norm_scale(weight, invstd, c, scale);
+    failed = failed || norm_apply(x, NULL, residual, mean, scale, bias, NULL, NULL, NULL, relu, rows, c, out, threads);
+    free(sums);
+    free(scale);
+    return failed ? -1 : 0;
+}
+
+/* Its backward: dx, d_weight and d_bias from dy and what the forward kept. With out (a residual
+   was added before the ReLU), the masked dy is written to g_out, as the residual's gradient too.
+   Returns -1 when memory runs out. */
+int norm_backward(const float *x, const float *dy, const float *out, const float *mean, const float *invstd,
+                  const float *weight, const float *bias, int relu, int64_t rows, int64_t c, float *g_out, float *dx,
+                  float *d_weight, float *d_bias, int threads) {
+    double *sums = malloc((size_t)(2 * c) * sizeof(double));
+    float *k = calloc((size_t)(3 * c), sizeof(float)), *scale = k, *x_scale = k + c, *dx_bias = k + 2 * c;
+    int failed = !sums || !k;
+    if (!failed) {
+        norm_scale(weight, invstd, c, scale);  /* as the forward's, so the recomputed mask is its mask */
+        failed = norm_sums(x, dy, out, mean, scale, bias, relu, rows, c, g_out, sums, sums + c, threads);
+    }
+    for (int64_t j = 0; !failed && j < c; j++) {
+        d_bias[j] = (float)sums[j];
+        d_weight[j] = (float)(sums[c + j] * invstd[j]);
+        x_scale[j] = -scale[j] * invstd[j] * d_weight[j] / rows;
+        dx_bias[j] = -scale[j] * d_bias[j] / rows;
+    }
+    failed = failed || norm_apply(x, out ? g_out : dy, NULL, mean, scale, bias, scale, x_scale, dx_bias,
+                                  relu && !out, rows, c, dx, threads);
+    free(sums);
+    free(k);
+    return failed ? -1 : 0;
 }
 
 #define TILE_ROWS 6  /* output channels per tile: 6 x 2 accumulators, 2 loads, 6 broadcasts */

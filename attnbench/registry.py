@@ -9,11 +9,13 @@ block without knowing which module it is building:
   the residual add (SE, CBAM, SPE, ...). It is called as ``gate(channels)``, or as
   ``gate(channels, shared)`` when the module also has a ``stage`` hook.
 
-A gate, or a norm that ends a block without one, may take the block's residual add and ReLU:
-if its forward accepts ``residual`` and ``relu`` keywords it is called as
-``forward(x, residual=shortcut, relu=...)`` and returns ``out + shortcut``, through a ReLU
-when ``relu`` is true (post-activation blocks); see attnbench.residual. The gates built on
-attnbench.pooling pass both on. Hooks and per-module counts then see the add and ReLU in it.
+A gate, or a norm, may take the block's residual add and the ReLU after it: if its forward
+accepts ``residual`` and ``relu`` keywords, it is called as ``forward(x, residual=shortcut,
+relu=...)`` where it ends a block (the shortcut is None where it is a norm with a ReLU after it
+inside a block) and returns ``out + shortcut``, through a ReLU when ``relu`` is true; see
+attnbench.residual. The gates built on attnbench.pooling pass both on, and the default norm
+(attnbench.norm.BatchNorm2d) and IEBN apply them in their own pass. Hooks and per-module counts
+then see the add and ReLU in it.
 
 Every factory also receives the module's options (its constructor keywords, for example
 SPE's initial pooling weights), so tuning an initialisation needs no code in the harness.
@@ -40,6 +42,7 @@ from typing import Any, Callable
 from torch import nn
 
 from attnbench.errors import UserError
+from attnbench.norm import BatchNorm2d
 
 Factory = Callable[..., nn.Module]
 
@@ -101,7 +104,7 @@ class ModuleSpec:
 
     def make_norm(self, channels: int, options: dict[str, Any]) -> nn.Module:
         if self.norm is None:
-            return nn.BatchNorm2d(channels)
+            return BatchNorm2d(channels)
         return self.norm(channels, **self._options_for(self.norm, options))
 
     def make_stage(self, channels: int, options: dict[str, Any]) -> nn.Module | None:

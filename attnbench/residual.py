@@ -39,10 +39,10 @@ def add(y: Tensor, shortcut: Tensor | None, relu: bool) -> Tensor:
     return out.relu_() if relu else out
 
 
-def finish(layers: Sequence[nn.Module], x: Tensor, shortcut: Tensor, relu: bool) -> Tensor:
-    """layers applied to x, plus the shortcut, then a ReLU if `relu`: a block's tail. The last
-    layer that is not an nn.Identity (a gate, or the last norm of a block without one) adds the
-    shortcut itself if its forward takes `residual` and `relu`."""
+def finish(layers: Sequence[nn.Module], x: Tensor, shortcut: Tensor | None, relu: bool) -> Tensor:
+    """layers applied to x, plus the shortcut (if any), then a ReLU if `relu`: a block's tail, or a
+    conv and norm with the ReLU after them. The last layer that is not an nn.Identity (a gate, or a
+    norm) adds the shortcut and applies the ReLU itself if its forward takes `residual` and `relu`."""
     layers = [layer for layer in layers if not isinstance(layer, nn.Identity)]
     if not layers:  # e.g. a plugin's norm that is an identity, in a block without a gate
         return add(x, shortcut, relu)

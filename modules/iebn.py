@@ -5,6 +5,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from attnbench.norm import track_running_stats
 from attnbench.pooling import gate
 from attnbench.registry import register
 
@@ -46,19 +47,10 @@ class IEBatchNorm2d(nn.BatchNorm2d):
         else:
             batch_mean = mean.mean(0, keepdim=True)
             batch_var = var.mean(0, keepdim=True) + mean.var(0, correction=0, keepdim=True)
-            if self.training and self.track_running_stats:
-                self._track(batch_mean.detach().flatten(), batch_var.detach().flatten(), per_channel)
+            track_running_stats(self, batch_mean.detach().flatten(), batch_var.detach().flatten(), per_channel)
         s = torch.sigmoid(mean * self.gate_weight + self.gate_bias)
         scale = self.gamma * s * torch.rsqrt(batch_var + self.eps)
         return scale, self.beta - batch_mean * scale
-
-    def _track(self, batch_mean: Tensor, batch_var: Tensor, per_channel: int) -> None:
-        """BatchNorm2d's running averages: the variance unbiased, momentum None a cumulative mean."""
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            factor = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
-            self.running_mean.lerp_(batch_mean.to(self.running_mean.dtype), factor)
-            self.running_var.lerp_((batch_var * per_channel / (per_channel - 1)).to(self.running_var.dtype), factor)
 
 
 register("iebn", "instance-enhanced batch norm: replaces each BN, per-image sigmoid gate on its scale", norm=IEBatchNorm2d)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from attnbench import fused, pooling, registry, residual
+from attnbench import fused, norm, pooling, registry, residual
 from attnbench.train import keep_freed_memory
 from conftest import onednn_weight_grad
 
@@ -80,6 +80,27 @@ def test_block_tail_train_step(benchmark: BenchmarkFixture, name: str, path: str
     assert grads[0].shape == x.shape and all(g is not None for g in grads)
     ends_in = type(tail().grad_fn).__name__  # the fused tail is one Function; torch's ends in its ReLU
     assert (ends_in == "ReluBackward0") == (path == "torch-tail"), ends_in
+
+
+@pytest.mark.benchmark(group="batch-norm", warmup=True, warmup_iterations=3)
+@pytest.mark.parametrize("path", ["kernels.c", "torch"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["relu", "residual-relu"])
+@pytest.mark.parametrize("channels, size", [(16, 32), (64, 8)], ids=["stage1", "stage3"])
+def test_batch_norm_train_step(benchmark: BenchmarkFixture, path: str, with_residual: bool, channels: int, size: int,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forward and backward of a ResNet-20 batch norm with the ReLU after it (and a block's
+    residual add before that) at batch 128: attnbench.norm's C path side by side with torch's
+    batch norm followed by attnbench.residual.add, which the layer runs off the C path."""
+    if path == "torch":
+        monkeypatch.setattr(norm.BatchNorm2d, "_fusable", lambda self, x, residual: False)
+    bn = norm.BatchNorm2d(channels)
+    x, shortcut, dy = (torch.randn(128, channels, size, size).to(memory_format=torch.channels_last) for _ in range(3))
+    x.requires_grad_()
+    shortcut = shortcut.requires_grad_() if with_residual else None
+    inputs = [x, bn.weight, bn.bias, *([shortcut] if with_residual else [])]
+    grads = benchmark(lambda: torch.autograd.grad(bn(x, shortcut, relu=True), inputs, dy))
+    assert all(g is not None for g in grads)
+    assert ("Fused" in type(bn(x, shortcut, relu=True).grad_fn).__name__) == (path == "kernels.c")
 
 
 @pytest.mark.benchmark(group="conv-weight-grad")

@@ -7,8 +7,9 @@ residual add. The pre-activation net (PreResNet) runs BN-ReLU-conv inside blocks
 shortcut and a final BN-ReLU before the pool.
 
 Every block asks the attention spec for its norms, for its gate and (once per stage) for shared
-state, so no module needs a branch here. A block ends in attnbench.residual.finish, which lets
-its last layer add the shortcut (and apply the ReLU) as it writes its output.
+state, so no module needs a branch here. A conv and norm with a ReLU after them, and a block's
+tail, go through attnbench.residual.finish, which lets the last layer apply the ReLU (and add the
+shortcut) as it writes its output.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 from attnbench.errors import UserError
 from attnbench.models.conv import Conv2d
+from attnbench.norm import BatchNorm2d
 from attnbench.residual import finish
 from attnbench.registry import ModuleSpec
 
@@ -40,8 +42,16 @@ def projection(in_ch: int, out_ch: int, stride: int, with_bn: bool) -> nn.Module
         return None
     layers = [conv(in_ch, out_ch, 1, stride)]
     if with_bn:
-        layers.append(nn.BatchNorm2d(out_ch))
+        layers.append(BatchNorm2d(out_ch))
     return nn.Sequential(*layers)
+
+
+class ReLUAfter(nn.Sequential):
+    """These layers, then a ReLU, which the last of them applies as it writes its output where
+    it can (a norm: see attnbench.residual.finish)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return finish(tuple(self), x, None, relu=True)
 
 
 class Block(nn.Module):
@@ -62,11 +72,10 @@ class BasicBlock(Block):
         self.conv2, self.bn2 = conv(planes, planes, 3), norm(planes)
         self.gate = gate
         self.shortcut = projection(in_ch, planes, stride, with_bn=True)
-        self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        return finish((self.bn2, self.gate), self.conv2(out), self.skip(x), relu=True)
+        out = finish((self.conv1, self.bn1), x, None, relu=True)
+        return finish((self.conv2, self.bn2, self.gate), out, self.skip(x), relu=True)
 
 
 class Bottleneck(Block):
@@ -79,12 +88,11 @@ class Bottleneck(Block):
         self.conv3, self.bn3 = conv(planes, planes * 4, 1), norm(planes * 4)
         self.gate = gate
         self.shortcut = projection(in_ch, planes * 4, stride, with_bn=True)
-        self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        return finish((self.bn3, self.gate), self.conv3(out), self.skip(x), relu=True)
+        out = finish((self.conv1, self.bn1), x, None, relu=True)
+        out = finish((self.conv2, self.bn2), out, None, relu=True)
+        return finish((self.conv3, self.bn3, self.gate), out, self.skip(x), relu=True)
 
 
 class PreActBasicBlock(Block):
@@ -96,11 +104,11 @@ class PreActBasicBlock(Block):
         self.bn2, self.conv2 = norm(planes), conv(planes, planes, 3)
         self.gate = gate
         self.shortcut = projection(in_ch, planes, stride, with_bn=False)
-        self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.conv1(self.relu(self.bn1(x)))
-        return finish((self.conv2, self.gate), self.relu(self.bn2(out)), self.skip(x), relu=False)
+        out = self.conv1(finish((self.bn1,), x, None, relu=True))
+        out = finish((self.bn2,), out, None, relu=True)
+        return finish((self.conv2, self.gate), out, self.skip(x), relu=False)
 
 
 class PreActBottleneck(Block):
@@ -113,12 +121,12 @@ class PreActBottleneck(Block):
         self.bn3, self.conv3 = norm(planes), conv(planes, planes * 4, 1)
         self.gate = gate
         self.shortcut = projection(in_ch, planes * 4, stride, with_bn=False)
-        self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.conv1(self.relu(self.bn1(x)))
-        out = self.conv2(self.relu(self.bn2(out)))
-        return finish((self.conv3, self.gate), self.relu(self.bn3(out)), self.skip(x), relu=False)
+        out = self.conv1(finish((self.bn1,), x, None, relu=True))
+        out = self.conv2(finish((self.bn2,), out, None, relu=True))
+        out = finish((self.bn3,), out, None, relu=True)
+        return finish((self.conv3, self.gate), out, self.skip(x), relu=False)
 
 
 BLOCKS = {
@@ -163,7 +171,7 @@ class CifarResNet(nn.Module):
         def norm(channels: int) -> nn.Module:
             return attention.make_norm(channels, options)
 
-        self.stem = nn.Sequential(conv(3, 16, 3)) if preact else nn.Sequential(conv(3, 16, 3), norm(16), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(conv(3, 16, 3)) if preact else ReLUAfter(conv(3, 16, 3), norm(16))
         in_ch, stages = 16, []
         for planes, stride in ((16, 1), (32, 2), (64, 2)):
             out_ch = planes * block_cls.expansion
@@ -178,7 +186,7 @@ class CifarResNet(nn.Module):
                 stage.shared = shared  # owned by the stage, so state_dict names it once
             stages.append(stage)
         self.stages = nn.Sequential(*stages)
-        self.final = nn.Sequential(nn.BatchNorm2d(in_ch), nn.ReLU(inplace=True)) if preact else nn.Identity()
+        self.final = ReLUAfter(BatchNorm2d(in_ch)) if preact else nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)  # = the originals' AvgPool2d(8) on 32x32 inputs
         self.fc = nn.Linear(in_ch, num_classes)
         # Plain list, not submodules: the terms are already registered where they live.

@@ -1,0 +1,84 @@
+"""The backbone's batch norm: nn.BatchNorm2d that can apply the ReLU after it (and a block's
+residual add) as it writes its output, in C when training on the CPU.
+
+Why: a CIFAR ResNet's batch norms and the ReLUs after them are memory-bound passes over the
+biggest activations, and torch makes the norm, the add and the ReLU separate passes each way.
+Here (attnbench/kernels.c) the forward is one pass for the statistics and one that writes
+relu(norm(x) + residual); the backward is one pass for the two sums per channel and one that
+writes the input gradient, with the ReLU's mask recomputed from x rather than read from the
+output. Everything per channel is done in C too, since each small torch op would cost more than
+a pass over a last-stage activation.
+
+A block asks for the ReLU through attnbench.residual.finish, so a norm that cannot take it (a
+plugin's, SyncBatchNorm) gets a plain ReLU after it. Wherever the C kernels do not serve (GPU,
+eval, no autograd, compile, NCHW) this is nn.BatchNorm2d followed by the add and the ReLU. The
+state dict is nn.BatchNorm2d's, so checkpoints load either way.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from attnbench import fused
+from attnbench.residual import add as add_residual
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d, then + residual (if given), then a ReLU (if `relu`)."""
+
+    def forward(self, x: Tensor, residual: Tensor | None = None, relu: bool = False) -> Tensor:
+        if not self._fusable(x, residual):
+            return add_residual(super().forward(x), residual, relu)
+        running, factor = None, 0.0
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            running = (self.running_mean, self.running_var)
+            factor = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
+        return _FusedBatchNorm.apply(x, self.weight, self.bias, residual, relu, self.eps, running, factor)
+
+    def _fusable(self, x: Tensor, residual: Tensor | None) -> bool:
+        """Training, affine, on tensors the C kernels serve (channels_last, the residual alike),
+        with more than one value per channel (else torch raises, as it should)."""
+        return (self.training and self.affine and x.dim() == 4 and x.numel() > x.shape[1]
+                and x.is_contiguous(memory_format=torch.channels_last)
+                and (residual is None or (residual.shape == x.shape
+                                          and residual.is_contiguous(memory_format=torch.channels_last)))
+                and fused.serves(x, *(() if residual is None else (residual,)), params=(self.weight, self.bias)))
+
+
+def track_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor, per_channel: int) -> None:
+    """Update bn's running averages as nn.BatchNorm2d does in training, from a batch's per-channel
+    mean and (biased) variance over `per_channel` values: the variance made unbiased, momentum None
+    a cumulative average."""
+    if not (bn.training and bn.track_running_stats):
+        return
+    with torch.no_grad():
+        bn.num_batches_tracked += 1
+        factor = 1.0 / bn.num_batches_tracked.item() if bn.momentum is None else bn.momentum
+        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
+        bn.running_var.lerp_((var * per_channel / (per_channel - 1)).to(bn.running_var.dtype), factor)
+
+
+class _FusedBatchNorm(torch.autograd.Function):
+    """relu(weight * (x - mean) * invstd + bias + residual) with the batch's mean and invstd, the
+    gradient through those statistics included (the batch norm's own), in the C kernels."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None, relu: bool, eps: float,
+                running: tuple[Tensor, Tensor] | None, factor: float) -> Tensor:
+        out, mean, invstd = fused.norm_forward(x, weight.detach(), bias.detach(), eps, running, factor, residual, relu)
+        # With a residual the ReLU's mask cannot be recomputed from x alone: keep the output.
+        ctx.save_for_backward(x, weight, bias, mean, invstd, out if relu and residual is not None else None)
+        ctx.relu, ctx.has_residual = relu, residual is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, bias, mean, invstd, out = ctx.saved_tensors
+        dx, d_weight, d_bias, masked = fused.norm_backward(x, grad.contiguous(memory_format=torch.channels_last), mean,
+                                                           invstd, weight.detach(), bias.detach(), ctx.relu, out)
+        d_residual = (grad if masked is None else masked) if ctx.has_residual else None
+        return dx, d_weight, d_bias, d_residual, None, None, None, None

@@ -1,0 +1,201 @@
+"""attnbench.norm.BatchNorm2d: the C path gives batch norm's values, gradients and running
+statistics (then the residual add and ReLU), against float64 torch; off it, it is nn.BatchNorm2d."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnbench import fused, norm
+from attnbench.models import build_model
+from conftest import needs_kernels
+
+pytestmark = pytest.mark.usefixtures("kernels_built_unless_turned_off")
+
+# Channels below, at and above a span of 256 floats (c >= 256 puts one row per span), and row
+# counts that leave a short last span; the first row of the last case is far from the mean.
+SHAPES = [(4, 16, 5, 7), (3, 24, 3, 3), (2, 3, 5, 5), (2, 300, 2, 3), (5, 64, 4, 4)]
+
+
+def _batch(shape: tuple[int, ...], seed: int, offset: float = 0.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 2 + offset).to(memory_format=torch.channels_last)
+
+
+def _norm(channels: int, seed: int = 5) -> norm.BatchNorm2d:
+    bn = norm.BatchNorm2d(channels)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=g)
+        bn.bias.normal_(0, 0.5, generator=g)
+        bn.running_mean.normal_(generator=g)
+        bn.running_var.uniform_(0.5, 2, generator=g)
+    return bn
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("relu, with_residual", [(False, False), (True, False), (False, True), (True, True)])
+def test_fused_batch_norm_matches_float64_torch(shape, relu, with_residual) -> None:
+    """Output, gradients of x, weight, bias and the residual, and the running statistics. The
+    reference's ReLU mask is taken from the fused output, so that values within rounding of 0
+    (where either side may cut) do not decide the comparison."""
+    bn = _norm(shape[1])
+    reference = nn.BatchNorm2d(shape[1]).double()
+    reference.load_state_dict(bn.state_dict())
+    x = _batch(shape, 0, offset=3.0).requires_grad_()
+    residual = _batch(shape, 1).requires_grad_() if with_residual else None
+    dy = _batch(shape, 2)
+
+    out = bn(x, residual, relu)
+    assert type(out.grad_fn).__name__ == "_FusedBatchNormBackward"
+    out.backward(dy)
+
+    x64 = x.detach().double().requires_grad_()
+    r64 = residual.detach().double().requires_grad_() if with_residual else None
+    y64 = reference(x64) + (r64 if with_residual else 0)
+    keep = out.detach() > 0 if relu else torch.ones(shape, dtype=torch.bool)
+    (y64 * keep).backward(dy.double())
+    assert torch.allclose(out.double(), y64.relu() if relu else y64, rtol=1e-5, atol=1e-5)
+    pairs = [(x.grad, x64.grad), (bn.weight.grad, reference.weight.grad), (bn.bias.grad, reference.bias.grad)]
+    if with_residual:
+        pairs.append((residual.grad, r64.grad))
+    for got, want in pairs:
+        assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    assert torch.allclose(bn.running_mean.double(), reference.running_mean, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(bn.running_var.double(), reference.running_var, rtol=1e-5, atol=1e-6)
+    assert bn.num_batches_tracked.item() == reference.num_batches_tracked.item() == 1
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_kernels
+def test_statistics_survive_a_large_mean() -> None:
+    """Summed about the batch's first pixel, the variance of values near 1000 with spread 1 keeps
+    float32 accuracy (sums of x and x^2 would cancel to nothing)."""
+    x = (torch.randn(8, 16, 6, 6, generator=torch.Generator().manual_seed(0)) + 1000).to(memory_format=torch.channels_last)
+    bn = norm.BatchNorm2d(16, momentum=1.0)
+    bn(x.requires_grad_())
+    x64 = x.detach().double()
+    assert torch.allclose(bn.running_mean.double(), x64.mean((0, 2, 3)), rtol=1e-6)
+    assert torch.allclose(bn.running_var.double(), x64.var((0, 2, 3)), rtol=1e-4)
+
+
+@needs_kernels
+def test_cumulative_average_and_no_running_stats() -> None:
+    """momentum None averages the batches seen; track_running_stats=False keeps none and still
+    normalises by the batch."""
+    xs = [_batch((4, 8, 3, 3), seed).requires_grad_() for seed in range(3)]
+    bn, reference = norm.BatchNorm2d(8, momentum=None), nn.BatchNorm2d(8, momentum=None)
+    for x in xs:
+        assert type(bn(x).grad_fn).__name__ == "_FusedBatchNormBackward"
+        reference(x)
+    assert torch.allclose(bn.running_mean, reference.running_mean, atol=1e-6)
+    assert torch.allclose(bn.running_var, reference.running_var, rtol=1e-5)
+    assert bn.num_batches_tracked.item() == 3
+    free = norm.BatchNorm2d(8, momentum=None, track_running_stats=False)
+    out = free(xs[0], relu=True)
+    assert type(out.grad_fn).__name__ == "_FusedBatchNormBackward"
+    assert torch.allclose(out, F.batch_norm(xs[0], None, None, free.weight, free.bias, True).relu(), atol=1e-5)
+
+
+@needs_kernels
+def test_repeated_steps_are_bit_identical() -> None:
+    """The threads' sums are added in thread order, so a rerun gives the same bits."""
+    x, dy = _batch((16, 32, 8, 8), 0).requires_grad_(), _batch((16, 32, 8, 8), 1)
+    results = []
+    for _ in range(2):
+        bn = _norm(32)
+        out = bn(x, relu=True)
+        out.backward(dy)
+        results.append((out, x.grad.clone(), bn.weight.grad, bn.running_var))
+        x.grad = None
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("case", ["eval", "nchw", "no-grad", "residual-nchw"])
+def test_off_the_c_path_it_is_torchs_batch_norm(case) -> None:
+    """Wherever the kernels do not serve, the same bits as nn.BatchNorm2d, + residual, ReLU."""
+    shape = (4, 8, 5, 5)
+    x = _batch(shape, 0)
+    residual = _batch(shape, 1) if case != "eval" else None
+    if case == "nchw":
+        x = x.contiguous()
+    if case == "residual-nchw":
+        residual = residual.contiguous()
+    bn, reference = _norm(8), nn.BatchNorm2d(8)
+    reference.load_state_dict(bn.state_dict())
+    if case == "eval":
+        bn.eval()
+        reference.eval()
+    with torch.set_grad_enabled(case != "no-grad"):
+        x.requires_grad_(case != "no-grad")
+        out = bn(x, residual, relu=True)
+        want = torch.relu(reference(x) + (residual if residual is not None else 0))
+    assert out.grad_fn is None or "Fused" not in type(out.grad_fn).__name__
+    assert torch.equal(out, want)
+    assert torch.equal(bn.running_mean, reference.running_mean)
+    assert torch.equal(bn.running_var, reference.running_var)
+
+
+def test_state_dict_is_batchnorm2ds() -> None:
+    """Checkpoints from before (nn.BatchNorm2d) load, and the other way round."""
+    bn, plain = _norm(6), nn.BatchNorm2d(6)
+    plain.load_state_dict(bn.state_dict())
+    again = norm.BatchNorm2d(6)
+    again.load_state_dict(plain.state_dict())
+    for key, value in bn.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+
+
+@needs_kernels
+@pytest.mark.parametrize("bad", ["nchw", "shape", "one-row", "per-channel"])
+def test_norm_kernels_refuse_what_they_would_misread(bad) -> None:
+    x = _batch((2, 8, 3, 3), 0)
+    weight, bias, residual = torch.ones(8), torch.zeros(8), _batch((2, 8, 3, 3), 1)
+    if bad == "nchw":
+        residual = residual.contiguous()
+    elif bad == "shape":
+        residual = _batch((2, 8, 3, 4), 1)
+    elif bad == "one-row":
+        x, residual = _batch((1, 8, 1, 1), 0), None
+    else:
+        weight = torch.ones(7)
+    with pytest.raises(ValueError):
+        fused.norm_forward(x, weight, bias, 1e-5, None, 0.1, residual, True)
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch, block, depth", [("resnet", "basic", 8), ("resnet", "bottleneck", 11),
+                                                ("preresnet", "bottleneck", 11)])
+def test_models_train_as_with_torchs_batch_norm(arch, block, depth, monkeypatch) -> None:
+    """One training step of a whole model, C norms against torch's, same initialisation. The
+    gradients agree to 1e-3 of each tensor's largest: where a ReLU's input lies within rounding
+    of 0, one side may cut it and the other not (the layer tests above take the mask from the C
+    output)."""
+    results = []
+    for c_path in (True, False):
+        torch.manual_seed(0)
+        model = build_model("se", depth, 10, arch=arch, block=block).to(memory_format=torch.channels_last)
+        x = _batch((6, 3, 32, 32), 0)
+        with monkeypatch.context() as patch:
+            if not c_path:
+                patch.setattr(norm.BatchNorm2d, "_fusable", lambda self, x, residual: False)
+            nodes = []
+            for layer in model.modules():
+                if isinstance(layer, norm.BatchNorm2d):
+                    layer.register_forward_hook(lambda _, __, out: nodes.append(type(out.grad_fn).__name__))
+            out = model(x)
+            F.cross_entropy(out, torch.arange(6) % 10).backward()
+        assert ("_FusedBatchNormBackward" in nodes) == c_path
+        stats = {k: v for k, v in model.state_dict().items() if "running" in k}
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}, stats))
+    (out, grads, stats), (out_ref, grads_ref, stats_ref) = results
+    assert torch.allclose(out, out_ref, rtol=1e-4, atol=1e-5)
+    for name, grad in grads.items():
+        scale = grads_ref[name].abs().max().item()
+        assert torch.allclose(grad, grads_ref[name], rtol=1e-3, atol=1e-3 * scale), name
+    for name, value in stats.items():
+        assert torch.allclose(value, stats_ref[name], rtol=1e-4, atol=1e-6), name
