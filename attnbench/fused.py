@@ -304,6 +304,8 @@ def norm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, running: t
     and the running (mean, variance), if given, moved in place by `factor` towards the batch's
     mean and unbiased variance."""
     running_mean, running_var = running if running is not None else (None, None)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("norm_forward takes both running statistics (mean and variance) or neither")
     rows, c = _norm_operands(x, [residual], [weight, bias, running_mean, running_var])
     out, mean, invstd = torch.empty_like(x), torch.empty(c), torch.empty(c)
     if _library().norm_forward(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), eps, _ptr(running_mean),

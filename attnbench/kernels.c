@@ -530,31 +530,41 @@ static int norm_apply(const float *x, const float *dy, const float *residual, co
     return failed ? -1 : 0;
 }
 
-/* A training step's batch norm: from the batch's statistics (sums about x's first row, so that
-   the variance does not cancel), mean and invstd (kept for the backward), the running averages
-   moved by `factor` towards the mean and the unbiased variance (if running_mean is not NULL), and
-   out = relu(weight * (x - mean) * invstd + bias + residual), residual and ReLU optional.
-   Returns -1 when memory runs out. */
+/* A training step's batch norm: from the batch's statistics, mean and invstd (kept for the
+   backward), the running averages moved by `factor` towards the mean and the unbiased variance
+   (if running_mean is not NULL; running_var with it), and out = relu(weight * (x - mean) * invstd
+   + bias + residual), residual and ReLU optional. The sums are taken about a shift, the mean of
+   the first NORM_SHIFT_ROWS rows, so that the variance does not cancel: its error grows with the
+   square of the shift's distance from the mean, in standard deviations, which one pixel alone
+   (an outlier) could make large. Returns -1 when memory runs out. */
+#define NORM_SHIFT_ROWS 64
 int norm_forward(const float *x, const float *weight, const float *bias, double eps, float *running_mean,
                  float *running_var, double factor, const float *residual, int relu, int64_t rows, int64_t c,
                  float *out, float *mean, float *invstd, int threads) {
-    double *sums = malloc((size_t)(2 * c) * sizeof(double));
-    float *scale = malloc((size_t)c * sizeof(float));
-    int failed = !sums || !scale || norm_sums(x, NULL, NULL, x, NULL, NULL, 0, rows, c, NULL, sums, sums + c, threads);
+    double *sums = calloc((size_t)(2 * c), sizeof(double));
+    float *shift = malloc((size_t)(2 * c) * sizeof(float)), *scale = shift + c;
+    int64_t sample = rows < NORM_SHIFT_ROWS ? rows : NORM_SHIFT_ROWS;
+    int failed = !sums || !shift;
+    if (!failed) {
+        for (int64_t r = 0; r < sample; r++)
+            for (int64_t j = 0; j < c; j++) sums[j] += x[r * c + j];
+        for (int64_t j = 0; j < c; j++) shift[j] = (float)(sums[j] / sample);
+        failed = norm_sums(x, NULL, NULL, shift, NULL, NULL, 0, rows, c, NULL, sums, sums + c, threads);
+    }
     for (int64_t j = 0; !failed && j < c; j++) {
         double offset = sums[j] / rows, var = sums[c + j] / rows - offset * offset;
         var = var > 0.0 ? var : 0.0;
-        mean[j] = (float)(x[j] + offset);
+        mean[j] = (float)(shift[j] + offset);
         invstd[j] = (float)(1.0 / sqrt(var + eps));
         if (running_mean) {
-            running_mean[j] += (float)(factor * (x[j] + offset - running_mean[j]));
+            running_mean[j] += (float)(factor * (shift[j] + offset - running_mean[j]));
             running_var[j] += (float)(factor * (var * rows / (rows - 1) - running_var[j]));
         }
     }
     if (!failed) norm_scale(weight, invstd, c, scale);
     failed = failed || norm_apply(x, NULL, residual, mean, scale, bias, NULL, NULL, NULL, relu, rows, c, out, threads);
     free(sums);
-    free(scale);
+    free(shift);
     return failed ? -1 : 0;
 }
 

@@ -11,8 +11,10 @@ a pass over a last-stage activation.
 
 A block asks for the ReLU through attnbench.residual.finish, so a norm that cannot take it (a
 plugin's, SyncBatchNorm) gets a plain ReLU after it. Wherever the C kernels do not serve (GPU,
-eval, no autograd, compile, NCHW) this is nn.BatchNorm2d followed by the add and the ReLU. The
-state dict is nn.BatchNorm2d's, so checkpoints load either way.
+eval, no autograd, compile, torch.func, NCHW) this is nn.BatchNorm2d followed by the add and the
+ReLU. On the C path, as with the fused gates, a second derivative (create_graph=True) and
+forward-mode AD raise rather than give a wrong answer. The state dict is nn.BatchNorm2d's, so
+checkpoints load either way.
 """
 
 from __future__ import annotations
@@ -39,14 +41,18 @@ class BatchNorm2d(nn.BatchNorm2d):
         return _FusedBatchNorm.apply(x, self.weight, self.bias, residual, relu, self.eps, running, factor)
 
     def _fusable(self, x: Tensor, residual: Tensor | None) -> bool:
-        """Training, affine, on tensors the C kernels serve (channels_last, the residual alike),
-        with more than one value per channel (else torch raises, as it should)."""
+        """Training, affine, with all running buffers or none, on tensors the C kernels
+        serve (channels_last, the residual alike), with more than one value per channel; else
+        torch's forward, which raises where it should. serves() comes first: under vmap, asking
+        for the channels_last layout raises."""
+        buffers = (self.running_mean, self.running_var, self.num_batches_tracked)
+        running = [buffer for buffer in buffers[:2] if buffer is not None]
         return (self.training and self.affine and x.dim() == 4 and x.numel() > x.shape[1]
+                and all((buffer is not None) == self.track_running_stats for buffer in buffers)
+                and fused.serves(x, *(() if residual is None else (residual,)), params=(self.weight, self.bias, *running))
                 and x.is_contiguous(memory_format=torch.channels_last)
                 and (residual is None or (residual.shape == x.shape
-                                          and residual.is_contiguous(memory_format=torch.channels_last)))
-                and fused.serves(x, *(() if residual is None else (residual,)), params=(self.weight, self.bias)))
-
+                                          and residual.is_contiguous(memory_format=torch.channels_last))))
 
 def track_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor, per_channel: int) -> None:
     """Update bn's running averages as nn.BatchNorm2d does in training, from a batch's per-channel

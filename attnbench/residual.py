@@ -5,13 +5,15 @@ the shortcut and writes the sum, and the ReLU reads and writes that once more. T
 passes when training on the CPU:
 
 - a last layer whose forward takes ``residual`` and ``relu`` keywords (the gates built on
-  attnbench.pooling, and IEBN) adds the shortcut and applies the ReLU while it writes its output,
-  so the output that the add would read back is never written;
-- any other layer's output goes through one fused add+ReLU (torch's ``_add_relu``) instead of an
-  add and an in-place ReLU: 3.1 ms against 4.0 ms at ResNet-164's first stage, batch 128.
+  attnbench.pooling, IEBN, and the backbone's own batch norm, attnbench.norm) adds the shortcut
+  and applies the ReLU while it writes its output, so the output that the add would read back is
+  never written;
+- any other layer's output (a plugin's gate) goes through one fused add+ReLU (torch's
+  ``_add_relu``) instead of an add and an in-place ReLU: 3.1 ms against 4.0 ms at ResNet-164's
+  first stage, batch 128.
 
-The plain backbone gets the second as much as any module, so a module's overhead over ``none`` is
-still its own cost. Anywhere else (GPU, no autograd, compile) the tail is the add and the ReLU.
+The same hand-over gives a norm inside a block the ReLU after it (with no shortcut). Anywhere
+else (GPU, no autograd, compile) the tail is the add and the ReLU.
 Like the fused gates, _AddReLU has no double backward (it raises), and torch's _add_relu clamps
 +inf to the largest float where a ReLU keeps it.
 """
