@@ -49,10 +49,12 @@ class BatchNorm2d(nn.BatchNorm2d):
         running = [buffer for buffer in buffers[:2] if buffer is not None]
         return (self.training and self.affine and x.dim() == 4 and x.numel() > x.shape[1]
                 and all((buffer is not None) == self.track_running_stats for buffer in buffers)
-                and fused.serves(x, *(() if residual is None else (residual,)), params=(self.weight, self.bias, *running))
+                and fused.serves(x, *(() if residual is None else (residual,)),
+                                 params=(self.weight, self.bias, *running))
                 and x.is_contiguous(memory_format=torch.channels_last)
                 and (residual is None or (residual.shape == x.shape
                                           and residual.is_contiguous(memory_format=torch.channels_last))))
+
 
 def track_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor, per_channel: int) -> None:
     """Update bn's running averages as nn.BatchNorm2d does in training, from a batch's per-channel
