@@ -277,7 +277,8 @@ def outer_scale(x: Tensor, a: Tensor, s: Tensor, out: Tensor, t: Tensor | None =
 
 # Batch norm over a channels_last activation read as (rows = N*H*W, c channels); see kernels.c.
 
-def _norm_operands(x: Tensor, activations: Sequence[Tensor | None], per_channel: Sequence[Tensor | None]) -> tuple[int, int]:
+def _norm_operands(x: Tensor, activations: Sequence[Tensor | None],
+                   per_channel: Sequence[Tensor | None]) -> tuple[int, int]:
     """rows and channels of x; checks what the C code relies on: activations (None skipped)
     channels_last float32 CPU tensors of x's shape, per-channel tensors contiguous float32 of c
     values, since a wrong pointer there is a crash, not an exception."""
