@@ -7,9 +7,9 @@ gate's cost is its passes over memory, those extra passes made a first-stage Res
 with a gate cost 1.16x (SE) to 1.83x (CBAM) a plain one. oneDNN computes the weight gradient of
 the CIFAR ResNets' 3x3 convs in 1.2-1.4x the time kernels.c takes, and a conv with a handful of
 channels (CBAM's 7x7 from 2 maps to 1) in 2.8x. A batch norm with the ReLU after it is two
-passes each way in C against torch's separate norm and ReLU (attnbench/norm.py). The file is plain C (no torch headers), so it
-builds with the system C compiler in well under a second, and the library goes to the
-user's cache under a name that hashes the source, the compiler and its flags. Without a C
+passes each way in C against torch's separate norm and ReLU (attnbench/norm.py). The file is
+plain C (no torch headers), so it builds with the system C compiler in well under a second, and
+the library goes to the user's cache under a name that hashes the source, the compiler and its flags. Without a C
 compiler, or off the CPU, callers use torch ops instead (library() returns None and warns once).
 """
 
@@ -101,16 +101,17 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def serves(*tensors: Tensor, params: Sequence[Tensor] = ()) -> bool:
+def serves(*tensors: Tensor | None, params: Sequence[Tensor] = ()) -> bool:
     """Whether the kernels can serve a training op on these tensors (4-d activations, and a conv's
-    weight) and `params` (of any shape: a norm's weight and bias): plain dense non-empty float32
+    weight; None for an operand the op goes without) and `params` (of any shape: a norm's weight,
+    bias and running statistics): plain dense non-empty float32
     CPU tensors (or parameters) with autograd on, outside autocast (which picks each op's
     precision; the kernels are float32), compile, tracing and torch.func (whose transforms need
     setup_context, which the Functions running a graph of their own inside cannot give), with the
     kernels built. Off these, callers run the torch ops. Forward-mode AD
     (torch.autograd.forward_ad) is not detected: it raises."""
     return (torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing() and all(_plain(t) and t.dim() == 4 for t in tensors)
+            and not torch.jit.is_tracing() and all(_plain(t) and t.dim() == 4 for t in tensors if t is not None)
             and all(_plain(p) for p in params) and library() is not None)
 
 
@@ -282,12 +283,12 @@ def _norm_operands(x: Tensor, activations: Sequence[Tensor | None],
     """rows and channels of x; checks what the C code relies on: activations (None skipped)
     channels_last float32 CPU tensors of x's shape, per-channel tensors contiguous float32 of c
     values, since a wrong pointer there is a crash, not an exception."""
-    c = x.shape[1] if x.dim() == 4 else 0
-    for t in (x, *activations):
-        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or t.shape != x.shape or c == 0
-                              or not t.is_contiguous(memory_format=torch.channels_last)):
-            raise ValueError(f"the norm kernels take non-empty channels_last float32 CPU tensors of one shape, got "
-                             f"{t.dtype} {tuple(t.shape)} with x {tuple(x.shape)}")
+    activations = [t for t in (x, *activations) if t is not None]
+    _dense(torch.channels_last, *activations)
+    if any(t.shape != x.shape for t in activations) or x.shape[1] == 0:
+        raise ValueError(f"the norm kernels take channels_last tensors of x's shape {tuple(x.shape)} with channels, "
+                         f"got {[tuple(t.shape) for t in activations]}")
+    c = x.shape[1]
     for t in per_channel:
         if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or t.shape != (c,)
                               or not t.is_contiguous()):
@@ -332,11 +333,11 @@ def norm_backward(x: Tensor, grad: Tensor, mean: Tensor, invstd: Tensor, weight:
 
 
 def _dense(layout: torch.memory_format, *tensors: Tensor) -> None:
-    """The conv kernels index 4-d float32 CPU memory directly: anything else is refused."""
+    """The conv and norm kernels index 4-d float32 CPU memory directly: anything else is refused."""
     for t in tensors:
         if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4 or not t.is_contiguous(memory_format=layout):
             name = "channels_last" if layout == torch.channels_last else "contiguous NCHW"
-            raise ValueError(f"this conv kernel takes {name} float32 CPU tensors, got {t.dtype} {tuple(t.shape)}")
+            raise ValueError(f"this kernel takes 4-d {name} float32 CPU tensors, got {t.dtype} {tuple(t.shape)}")
 
 
 def conv_weight_grad(x: Tensor, dy: Tensor, kernel: int, stride: int, padding: int) -> Tensor:

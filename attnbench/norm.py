@@ -35,9 +35,7 @@ class BatchNorm2d(nn.BatchNorm2d):
             return add_residual(super().forward(x), residual, relu)
         running, factor = None, 0.0
         if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            running = (self.running_mean, self.running_var)
-            factor = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
+            running, factor = (self.running_mean, self.running_var), _count_batch(self)
         return _FusedBatchNorm.apply(x, self.weight, self.bias, residual, relu, self.eps, running, factor)
 
     def _fusable(self, x: Tensor, residual: Tensor | None) -> bool:
@@ -49,8 +47,7 @@ class BatchNorm2d(nn.BatchNorm2d):
         running = [buffer for buffer in buffers[:2] if buffer is not None]
         return (self.training and self.affine and x.dim() == 4 and x.numel() > x.shape[1]
                 and all((buffer is not None) == self.track_running_stats for buffer in buffers)
-                and fused.serves(x, *(() if residual is None else (residual,)),
-                                 params=(self.weight, self.bias, *running))
+                and fused.serves(x, residual, params=(self.weight, self.bias, *running))
                 and x.is_contiguous(memory_format=torch.channels_last)
                 and (residual is None or (residual.shape == x.shape
                                           and residual.is_contiguous(memory_format=torch.channels_last))))
@@ -62,11 +59,17 @@ def track_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: 
     a cumulative average."""
     if not (bn.training and bn.track_running_stats):
         return
+    factor = _count_batch(bn)
     with torch.no_grad():
-        bn.num_batches_tracked += 1
-        factor = 1.0 / bn.num_batches_tracked.item() if bn.momentum is None else bn.momentum
         bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
         bn.running_var.lerp_((var * per_channel / (per_channel - 1)).to(bn.running_var.dtype), factor)
+
+
+def _count_batch(bn: nn.modules.batchnorm._BatchNorm) -> float:
+    """Count a training batch in bn.num_batches_tracked; return the running averages' factor
+    (momentum, or 1 / batches for a cumulative average when momentum is None)."""
+    bn.num_batches_tracked.add_(1)
+    return 1.0 / bn.num_batches_tracked.item() if bn.momentum is None else bn.momentum
 
 
 class _FusedBatchNorm(torch.autograd.Function):

@@ -149,7 +149,7 @@ def _check_params(attention: Callable, outputs: tuple[Tensor, ...], leaves: list
 
 
 def _fusable(x: Tensor, residual: Tensor | None) -> bool:
-    return x.requires_grad and fused.serves(*(t for t in (x, residual) if t is not None))
+    return x.requires_grad and fused.serves(x, residual)
 
 
 def _check_residual(x: Tensor, residual: Tensor | None) -> None:

@@ -145,12 +145,12 @@ def test_repeated_steps_are_bit_identical() -> None:
         assert torch.equal(first, second)
 
 
-@pytest.mark.parametrize("case", ["eval", "eval-residual", "nchw", "no-grad", "residual-nchw", "no-running-var"])
+@pytest.mark.parametrize("case", ["eval", "eval-residual", "nchw", "no-grad", "residual-nchw"])
 def test_off_the_c_path_it_is_torchs_batch_norm(case) -> None:
     """Wherever the kernels do not serve, the same bits as nn.BatchNorm2d, + residual, ReLU."""
     shape = (4, 8, 5, 5)
     x = _batch(shape, 0)
-    residual = _batch(shape, 1) if case not in ("eval", "no-running-var") else None
+    residual = _batch(shape, 1) if case != "eval" else None
     if case == "nchw":
         x = x.contiguous()
     if case == "residual-nchw":
@@ -160,11 +160,6 @@ def test_off_the_c_path_it_is_torchs_batch_norm(case) -> None:
     if case.startswith("eval"):
         bn.eval()
         reference.eval()
-    if case == "no-running-var":  # torch refuses it; the C path must not take it (it would write there)
-        bn.running_var = None
-        with pytest.raises(ValueError, match="running_var"):
-            bn(x.requires_grad_(), relu=True)
-        return
     with torch.set_grad_enabled(case != "no-grad"):
         x.requires_grad_(case != "no-grad")
         out = bn(x, residual, relu=True)
@@ -173,6 +168,14 @@ def test_off_the_c_path_it_is_torchs_batch_norm(case) -> None:
     assert torch.equal(out, want)
     assert torch.equal(bn.running_mean, reference.running_mean)
     assert torch.equal(bn.running_var, reference.running_var)
+
+
+def test_a_missing_running_var_is_torchs_error() -> None:
+    """The C path, which would write the running variance, is not taken without it."""
+    bn = norm.BatchNorm2d(8)
+    bn.running_var = None
+    with pytest.raises(ValueError, match="running_var"):
+        bn(_batch((4, 8, 5, 5), 0).requires_grad_(), relu=True)
 
 
 def test_state_dict_is_batchnorm2ds() -> None:
@@ -215,7 +218,8 @@ def test_norm_kernels_refuse_what_they_would_misread(bad) -> None:
 @needs_kernels
 @pytest.mark.parametrize("arch, block, depth", [("resnet", "basic", 8), ("resnet", "bottleneck", 11),
                                                 ("preresnet", "bottleneck", 11)])
-def test_models_train_as_with_torchs_batch_norm(arch, block, depth, monkeypatch) -> None:
+@pytest.mark.parametrize("module", ["none", "se"])  # none: the last norm takes the shortcut; se: the gate does
+def test_models_train_as_with_torchs_batch_norm(module, arch, block, depth, monkeypatch) -> None:
     """One training step of a whole model, C norms against torch's, same initialisation: the
     wiring (which norm gets which ReLU and shortcut). The gradients are compared in relative L2
     norm to 1e-2: where a ReLU's input lies within rounding of 0, one side may cut it and the
@@ -225,7 +229,7 @@ def test_models_train_as_with_torchs_batch_norm(arch, block, depth, monkeypatch)
     results = []
     for c_path in (True, False):
         torch.manual_seed(0)
-        model = build_model("se", depth, 10, arch=arch, block=block).to(memory_format=torch.channels_last)
+        model = build_model(module, depth, 10, arch=arch, block=block).to(memory_format=torch.channels_last)
         x = _batch((6, 3, 32, 32), 0)
         with monkeypatch.context() as patch:
             if not c_path:
