@@ -38,31 +38,43 @@ class BatchNorm2d(nn.BatchNorm2d):
             running, factor = (self.running_mean, self.running_var), _count_batch(self)
         return _FusedBatchNorm.apply(x, self.weight, self.bias, residual, relu, self.eps, running, factor)
 
-    def _fusable(self, x: Tensor, residual: Tensor | None) -> bool:
-        """Training, affine, with all running buffers or none, on tensors the C kernels
-        serve (channels_last, the residual alike), with more than one value per channel; else
-        torch's forward, which raises where it should. serves() comes first: under vmap, asking
-        for the channels_last layout raises."""
+    def foldable(self, x: Tensor) -> bool:
+        """Whether this norm, given x, is the plain training batch norm that a later layer may
+        compute from x's statistics itself (attnbench.pooling folds it into a gate): training,
+        affine, with all running buffers or none, more than one value per channel, weights the
+        C kernels serve, and this class's forward. Else the norm must run as itself, which
+        raises where it should."""
         buffers = (self.running_mean, self.running_var, self.num_batches_tracked)
         running = [buffer for buffer in buffers[:2] if buffer is not None]
-        return (self.training and self.affine and x.dim() == 4 and x.numel() > x.shape[1]
-                and all((buffer is not None) == self.track_running_stats for buffer in buffers)
-                and fused.serves(x, residual, params=(self.weight, self.bias, *running))
+        return (type(self).forward is BatchNorm2d.forward and self.training and self.affine and x.dim() == 4
+                and x.numel() > x.shape[1] and all((buffer is not None) == self.track_running_stats for buffer in buffers)
+                and fused.serves(params=(self.weight, self.bias, *running)))
+
+    def _fusable(self, x: Tensor, residual: Tensor | None) -> bool:
+        """foldable, on tensors the C kernels serve (channels_last, the residual alike). serves()
+        comes before the layout: under vmap, asking for the channels_last layout raises."""
+        return (self.foldable(x) and fused.serves(x, residual)
                 and x.is_contiguous(memory_format=torch.channels_last)
                 and (residual is None or (residual.shape == x.shape
                                           and residual.is_contiguous(memory_format=torch.channels_last))))
 
 
-def track_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor, per_channel: int) -> None:
-    """Update bn's running averages as nn.BatchNorm2d does in training, from a batch's per-channel
-    mean and (biased) variance over `per_channel` values: the variance made unbiased, momentum None
-    a cumulative average."""
-    if not (bn.training and bn.track_running_stats):
-        return
-    factor = _count_batch(bn)
-    with torch.no_grad():
-        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
-        bn.running_var.lerp_((var * per_channel / (per_channel - 1)).to(bn.running_var.dtype), factor)
+def batch_statistics(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor,
+                     per_channel: int) -> tuple[Tensor, Tensor]:
+    """A batch's mean and (biased) variance per channel, shape (1, C, 1, 1), from each image's,
+    shape (N, C, 1, 1), over `per_channel` values in all (the images being of one size: the mean
+    of the variances plus the variance of the means). In training they update bn's running
+    averages as nn.BatchNorm2d does: the variance made unbiased, momentum None a cumulative
+    average."""
+    batch_mean = mean.mean(0, keepdim=True)
+    batch_var = var.mean(0, keepdim=True) + mean.var(0, correction=0, keepdim=True)
+    if bn.training and bn.track_running_stats:
+        factor = _count_batch(bn)
+        with torch.no_grad():
+            bn.running_mean.lerp_(batch_mean.detach().flatten().to(bn.running_mean.dtype), factor)
+            unbiased = batch_var.detach().flatten() * per_channel / (per_channel - 1)
+            bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
+    return batch_mean, batch_var
 
 
 def _count_batch(bn: nn.modules.batchnorm._BatchNorm) -> float:

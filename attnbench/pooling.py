@@ -14,6 +14,13 @@ relu(x * scale + shortcut) in that one write, reading the shortcut as it goes, s
 never reads the product back; its backward then starts with torch's threshold_backward, the pass
 that the block's ReLU would have made anyway.
 
+The block's last batch norm goes into the same passes. Its output y = x * a + b (a, b per channel
+from the batch's statistics) has pools that follow from x's: the batch's mean and variance come
+from each image's, y's mean and variance from x's through the affine map, y's max from x's max
+(or min, where a < 0). The gate then writes x * (a * scale) + b * scale, and the norm's output
+(a write, then a read for the pooling and one for the product, each way) is never made: on
+ResNet-164 this brought SE from 1.18x to 1.12x of `none` in one process, SPE from 1.15x to 1.11x.
+
 The attention itself runs as ordinary autograd on the small pooled tensors: its graph is built in
 the forward and differentiated inside the backward, as torch.utils.checkpoint does, so a module
 gives its attention as a plain function (double backward is not supported). Off the CPU, under
@@ -34,6 +41,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from attnbench import fused
+from attnbench.norm import BatchNorm2d, batch_statistics
 from attnbench.residual import add as add_residual
 
 POOLS = ("mean", "var", "max", "min")
@@ -42,18 +50,28 @@ Scale = Tensor | tuple[Tensor, Tensor]
 
 
 def gate(x: Tensor, pools: Sequence[str], attention: Callable[..., Scale], params: Iterable[Tensor] | None = None, *,
-         over: str = "pixels", residual: Tensor | None = None, relu: bool = False) -> Tensor:
+         over: str = "pixels", residual: Tensor | None = None, relu: bool = False,
+         before: nn.Module | None = None) -> Tensor:
     """x * attention(*pooled), where pooled[i] is pools[i] of x over the pixels, shape (N, C, 1, 1),
     or over the channels, shape (N, 1, H, W): "mean", "var" (the population variance), "max" or
     "min". The attention returns a scale of that same shape, or a (scale, shift) pair for
     x * scale + shift. It is normally a method of the module (or a functools.partial of one),
     whose parameters are then the ones it trains; any other callable gives them as `params`.
     A block's tail comes with it: plus `residual` (x's shape, if given), then a ReLU if `relu`,
-    written in the same pass as the product (see attnbench.residual)."""
+    written in the same pass as the product (see attnbench.residual). `before` is a layer to
+    apply to x first (the block's last norm): where it is the default batch norm in training and
+    the gate over the pixels runs fused, it is folded in (see _AfterNorm), and x is read and
+    written as if the gate had no norm before it."""
     if over not in DIMS or not set(pools) <= set(POOLS) or len(set(pools)) != len(pools):
         raise ValueError(f"gate over {over!r} with pools {pools!r}: use over pixels or channels, each pool once from {POOLS}")
-    _check_residual(x, residual)
     params = _trained(attention, params)  # on every path, so that a bad call fails alike everywhere
+    if before is not None:
+        if over == "pixels" and isinstance(before, BatchNorm2d) and before.foldable(x) and _fusable(x, residual):
+            attention = _AfterNorm(before, attention, pools, x.numel() // x.shape[1])
+            pools, params = attention.x_pools, (*params, before.weight, before.bias)
+        else:
+            x = before(x)
+    _check_residual(x, residual)
     if _fusable(x, residual):
         return _FusedGate.apply(x, tuple(pools), over, attention, residual, relu, *params)
     scale = attention(*(_pool(x, p, DIMS[over]) for p in pools))
@@ -84,8 +102,33 @@ def channel_spatial_gate(x: Tensor, channel_pools: Sequence[str], channel_attent
                 residual=residual, relu=relu)
 
 
+class _AfterNorm:
+    """A gate's attention on the output of a batch norm y = x * a + b (per channel), as an
+    attention on x's pools: the batch's statistics come from each image's mean and variance,
+    y's pools from x's (a mean or a variance through the affine map, a max from x's max or min
+    by the sign of a), and y * scale = x * (a * scale) + b * scale. So x is read for its pools
+    and written once as the gate's output, and the norm's output is never written."""
+
+    def __init__(self, norm: BatchNorm2d, attention: Callable[..., Scale], pools: Sequence[str], per_channel: int):
+        self.norm, self.attention, self.pools, self.per_channel = norm, attention, pools, per_channel
+        self.x_pools = ("mean", "var", "max", "min") if {"max", "min"} & set(pools) else ("mean", "var")
+
+    def __call__(self, mean: Tensor, var: Tensor, high: Tensor | None = None, low: Tensor | None = None) -> Scale:
+        norm = self.norm
+        batch_mean, batch_var = batch_statistics(norm, mean, var, self.per_channel)
+        a = norm.weight.view_as(batch_mean) * torch.rsqrt(batch_var + norm.eps)
+        b = norm.bias.view_as(batch_mean) - batch_mean * a
+        of_y = {"mean": lambda: a * mean + b, "var": lambda: a * a * var,
+                "max": lambda: torch.where(a >= 0, a * high, a * low) + b,
+                "min": lambda: torch.where(a >= 0, a * low, a * high) + b}
+        scale = _as_tuple(self.attention(*(of_y[p]() for p in self.pools)))
+        return a * scale[0], b * scale[0] + scale[1] if len(scale) == 2 else b * scale[0]
+
+
 def _method_of(attention: Callable) -> tuple[nn.Module, Callable] | None:
-    """(module, function) where `attention` is a module's method, directly or in a functools.partial."""
+    """(module, function) where `attention` is a module's method, directly, in a functools.partial
+    or after a norm."""
+    attention = attention.attention if isinstance(attention, _AfterNorm) else attention
     bound = attention.func if isinstance(attention, functools.partial) else attention
     owner = getattr(bound, "__self__", None)
     return (owner, bound.__func__) if isinstance(owner, nn.Module) else None

@@ -44,21 +44,27 @@ def add(y: Tensor, shortcut: Tensor | None, relu: bool) -> Tensor:
 def finish(layers: Sequence[nn.Module], x: Tensor, shortcut: Tensor | None, relu: bool) -> Tensor:
     """layers applied to x, plus the shortcut (if any), then a ReLU if `relu`: a block's tail, or a
     conv and norm with the ReLU after them. The last layer that is not an nn.Identity (a gate, or a
-    norm) adds the shortcut and applies the ReLU itself if its forward takes `residual` and `relu`."""
+    norm) adds the shortcut and applies the ReLU itself if its forward takes `residual` and `relu`;
+    if it also takes `before`, it is handed the layer before it (the block's last norm) to apply
+    first, so that a gate can fold that norm into its own passes (attnbench.pooling.gate)."""
     layers = [layer for layer in layers if not isinstance(layer, nn.Identity)]
     if not layers:  # e.g. a plugin's norm that is an identity, in a block without a gate
         return add(x, shortcut, relu)
-    for layer in layers[:-1]:
+    *body, last = layers
+    hand_over = {}
+    if body and _takes(type(last), "residual", "relu", "before"):
+        hand_over["before"] = body.pop()  # which the gate may fold (a norm) into its own passes
+    for layer in body:
         x = layer(x)
-    if _takes_residual(type(layers[-1])):
-        return layers[-1](x, residual=shortcut, relu=relu)
-    return add(layers[-1](x), shortcut, relu)
+    if _takes(type(last), "residual", "relu"):
+        return last(x, residual=shortcut, relu=relu, **hand_over)
+    return add(last(x), shortcut, relu)
 
 
 @functools.cache
-def _takes_residual(layer_type: type) -> bool:
+def _takes(layer_type: type, *keywords: str) -> bool:
     parameters = inspect.signature(layer_type.forward).parameters
-    return "residual" in parameters and "relu" in parameters
+    return all(keyword in parameters for keyword in keywords)
 
 
 class _AddReLU(torch.autograd.Function):

@@ -5,7 +5,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from attnbench.norm import track_running_stats
+from attnbench.norm import batch_statistics
 from attnbench.pooling import gate
 from attnbench.registry import register
 
@@ -40,14 +40,11 @@ class IEBatchNorm2d(nn.BatchNorm2d):
 
     def scale_and_shift(self, mean: Tensor, var: Tensor | None = None, *, per_channel: int) -> tuple[Tensor, Tensor]:
         """From per-image means and variances (N, C, 1, 1): with var, normalise by the batch's
-        statistics (the mean of the variances plus the variance of the means, the images being
-        of one size) and update the running ones; without, by the running ones."""
+        statistics (and update the running ones); without, by the running ones."""
         if var is None:
             batch_mean, batch_var = self.running_mean.view_as(self.gamma), self.running_var.view_as(self.gamma)
         else:
-            batch_mean = mean.mean(0, keepdim=True)
-            batch_var = var.mean(0, keepdim=True) + mean.var(0, correction=0, keepdim=True)
-            track_running_stats(self, batch_mean.detach().flatten(), batch_var.detach().flatten(), per_channel)
+            batch_mean, batch_var = batch_statistics(self, mean, var, per_channel)
         s = torch.sigmoid(mean * self.gate_weight + self.gate_bias)
         scale = self.gamma * s * torch.rsqrt(batch_var + self.eps)
         return scale, self.beta - batch_mean * scale

@@ -17,8 +17,9 @@ class SEGate(nn.Module):
     def attention(self, mean: Tensor) -> Tensor:
         return self.fc2(self.fc1(mean.flatten(1)).relu_()).sigmoid_().view_as(mean)
 
-    def forward(self, x: Tensor, residual: Tensor | None = None, relu: bool = False) -> Tensor:
-        return gate(x, ["mean"], self.attention, residual=residual, relu=relu)
+    def forward(self, x: Tensor, residual: Tensor | None = None, relu: bool = False,
+                before: nn.Module | None = None) -> Tensor:
+        return gate(x, ["mean"], self.attention, residual=residual, relu=relu, before=before)
 
 
 register("se", "squeeze-and-excitation: channel gate from global average pooling", gate=SEGate, aliases=("senet",))

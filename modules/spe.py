@@ -40,8 +40,9 @@ class SPEGate(nn.Module):
         mix = self.w1 * (p_hat[0] * high + p_hat[1] * low) + self.b1
         return (high + low).sigmoid() * mix.sigmoid()
 
-    def forward(self, x: Tensor, residual: Tensor | None = None, relu: bool = False) -> Tensor:
-        return gate(x, ["max", "min"], self.attention, residual=residual, relu=relu)
+    def forward(self, x: Tensor, residual: Tensor | None = None, relu: bool = False,
+                before: nn.Module | None = None) -> Tensor:
+        return gate(x, ["max", "min"], self.attention, residual=residual, relu=relu, before=before)
 
     def extra_loss(self) -> Tensor:
         return self.alpha * (self.p * self.p).sum()

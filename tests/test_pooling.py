@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from attnbench import fused, pooling
+from attnbench.norm import BatchNorm2d
 from attnbench.pooling import gate
 from conftest import needs_kernels
 
@@ -124,6 +126,94 @@ def test_fused_gate_adds_a_residual_and_relu_as_torch_ops_do(pools, over, shift,
     assert torch.allclose(dx, dx_ref, atol=1e-4)
     for got, want in zip(dparams, dparams_ref, strict=True):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _batch_norm(channels: int, **kwargs) -> BatchNorm2d:
+    """A batch norm in training with weights of both signs (a negative one turns a max into a
+    min) and running statistics away from their initial values."""
+    g = torch.Generator().manual_seed(4)
+    bn = BatchNorm2d(channels, **kwargs)
+    with torch.no_grad():
+        bn.weight.copy_(torch.randn(channels, generator=g) * 2)
+        bn.bias.copy_(torch.randn(channels, generator=g))
+        bn.running_mean.copy_(torch.randn(channels, generator=g))
+        bn.running_var.uniform_(0.5, 2, generator=g)
+    return bn
+
+
+def _run_after_norm(x: torch.Tensor, pools: list[str], shift: bool, fold: bool, bn: BatchNorm2d) -> tuple:
+    """The gate after bn, given as `before` (folded) or applied first; tail add+relu."""
+    attention = Attention(pools, (x.shape[0], x.shape[1], 1, 1), shift)
+    residual, bn = _residual(x), copy.deepcopy(bn)
+    x = x.detach().requires_grad_()
+    if fold:
+        y = gate(x, pools, attention, attention.parameters(), residual=residual, relu=True, before=bn)
+    else:
+        y = gate(bn(x), pools, attention, attention.parameters(), residual=residual, relu=True)
+    y.backward(_distinct(tuple(y.shape), seed=2).contiguous(memory_format=torch.channels_last))
+    grads = [p.grad for p in (*attention.parameters(), *bn.parameters(), residual)]
+    return y.detach(), x.grad, grads, {k: v for k, v in bn.state_dict().items()}
+
+
+@needs_kernels
+@pytest.mark.parametrize("pools, shift", [(["mean"], False), (["max", "min"], False), (["min"], False),
+                                          (["mean", "max"], True), (["var", "max"], True)], ids=str)
+@pytest.mark.parametrize("case", [*LAYOUTS, "batch-1", "one-pixel"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_a_batch_norm_before_a_gate_folds_into_it(pools, shift, case, momentum, monkeypatch) -> None:
+    """gate(x, before=bn) against gate(bn(x)) where bn is not folded: the output, the gradients of
+    x, of the attention's and the norm's parameters and of the residual, and the norm's running
+    statistics and batch count. The norm's own forward never runs."""
+    x = _input(case)
+    bn = _batch_norm(x.shape[1], momentum=momentum)
+    calls = []
+    bn.register_forward_hook(lambda *_: calls.append("bn"))
+    monkeypatch.setattr(pooling._FusedGate, "apply", lambda *a, apply=pooling._FusedGate.apply: calls.append(a[3]) or apply(*a))
+    y, dx, grads, state = _run_after_norm(x, pools, shift, True, bn)
+    assert len(calls) == 1 and isinstance(calls[0], pooling._AfterNorm), "the norm was not folded"
+    y_ref, dx_ref, grads_ref, state_ref = _run_after_norm(x, pools, shift, False, bn)
+    assert calls[1] == "bn" and len(calls) == 3 and not isinstance(calls[2], pooling._AfterNorm)
+    assert (y == 0).any() and (y > 0).any()
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    # One pixel per image: the norm sees two values per channel, and its gradients reach 50.
+    # The folded backward adds the variance's gradient as x * k - mean * k, which cancels where
+    # an image's values lie close to their mean: 2e-4 of the largest gradient here (torch's
+    # batch norm, against float64: 5e-6), and ~1e-6 where images have many pixels.
+    def close(got: torch.Tensor, want: torch.Tensor) -> bool:
+        if case == "one-pixel":
+            return torch.allclose(got, want, rtol=5e-4, atol=5e-4 * want.abs().max())
+        return torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+    assert close(dx, dx_ref)
+    for got, want in zip(grads, grads_ref, strict=True):
+        assert close(got, want)
+    assert state.keys() == state_ref.keys()
+    for name, value in state.items():
+        assert torch.allclose(value, state_ref[name], rtol=1e-5, atol=1e-6), name
+    assert state["num_batches_tracked"] == 1
+
+
+@needs_kernels
+def test_a_norm_that_cannot_fold_runs_before_the_gate() -> None:
+    """In eval, without an affine map, as a subclass with its own forward, or as another layer (a
+    pre-activation block's conv), `before` is applied to x and the gate takes its output."""
+
+    class Shifted(BatchNorm2d):
+        def forward(self, x: torch.Tensor, residual=None, relu=False) -> torch.Tensor:
+            return super().forward(x) + 1
+
+    x = _input("channels_last")
+    layers = {"eval": _batch_norm(5).eval(), "no affine": BatchNorm2d(5, affine=False), "subclass": Shifted(5),
+              "conv": nn.Conv2d(5, 5, 1)}
+    for name, layer in layers.items():
+        attentions = []
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(pooling._FusedGate, "apply", lambda *a, apply=pooling._FusedGate.apply: attentions.append(a[3])
+                          or apply(*a))
+            y = gate(x, ["mean", "max"], lambda m, h: (m + h).sigmoid(), [], before=layer)
+        assert len(attentions) == 1 and not isinstance(attentions[0], pooling._AfterNorm), name
+        z = layer(x)
+        assert torch.allclose(y, z * (z.mean((2, 3), keepdim=True) + z.amax((2, 3), keepdim=True)).sigmoid()), name
 
 
 @pytest.mark.parametrize("fused_path", [True, False])
