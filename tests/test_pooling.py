@@ -377,6 +377,22 @@ def test_kernels_agree_with_torch(over_last: bool) -> None:
     assert torch.allclose(out, expected, atol=1e-5)
 
 
+@needs_kernels
+@pytest.mark.parametrize("over_last", [False, True])
+def test_a_sum_of_squares_keeps_the_variance_of_values_with_a_large_mean(over_last: bool) -> None:
+    """A gate's "var" pool is E[x^2] - E[x]^2 from sums(x, x): with a mean 1000 standard deviations
+    from 0, float sums of x * x would lose the variance entirely (float lanes, unshifted: 3%
+    off); the kernel sums about each image's first row, and the result is float64's."""
+    g = torch.Generator().manual_seed(0)
+    a = 1000 + torch.randn(3, 300, 17, generator=g)
+    dim = 2 if over_last else 1
+    total, squares = fused.sums(a, a, over_last)
+    count = a.shape[dim]
+    variance = squares / count - (total / count) ** 2
+    assert torch.allclose(variance, a.double().var(dim, correction=0), rtol=1e-4)
+    assert torch.allclose(total, a.double().sum(dim), rtol=1e-9)
+
+
 @pytest.fixture
 def fresh_cache(monkeypatch, tmp_path):
     """An empty library cache, and library() asked anew (before and after the test)."""
