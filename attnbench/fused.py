@@ -84,8 +84,8 @@ def library() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(path))
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.sums.argtypes = [p, p, i64, i64, i64, i32, p, p, i32]
-        lib.extremes.argtypes = [p, i64, i64, i64, i32, p, p, p, p, p, i32]
+        lib.sums.argtypes = [p, p, i64, i64, i64, i32, p, p, p, p, i32]
+        lib.extremes.argtypes = [p, i64, i64, i64, i32, p, p, p, p, p, p, i32]
         lib.scale_rows.argtypes = [p, i64, i64, i64, i32, p, p, p, p, p, i32, i32, p, p, p, i32]
         lib.conv_weight_grad.argtypes = [p, p, p, *[i64] * 10, i32]
         lib.conv_same.argtypes = lib.conv_same_weight_grad.argtypes = [p, p, p, *[i64] * 6, i32]
@@ -154,27 +154,35 @@ def _kept_shape(a: Tensor, over_last: bool, *alike: Tensor | None) -> tuple[int,
     return n, m, k, [n, m] if over_last else [n, k]
 
 
-def sums(a: Tensor, b: Tensor | None, over_last: bool, *, plain: bool = True) -> tuple[Tensor | None, Tensor | None]:
-    """Over the middle (or last) dim of contiguous float32 (n, m, k) tensors, in float64 and one
-    read: the sum of a (if `plain`) and the sum of a * b (if b is given)."""
-    n, m, k, out = _kept_shape(a, over_last, b)
+def sums(a: Tensor, b: Tensor | None, over_last: bool, *, plain: bool = True, relu_out: Tensor | None = None,
+         masked: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """Over the middle (or last) dim of contiguous float32 (n, m, k) tensors, as float64 and in
+    one read: the sum of a (if `plain`) and the sum of a * b (if b is given). With relu_out (a
+    ReLU's output) and masked, a is first taken through that ReLU's backward (zero where
+    relu_out <= 0), written to masked, and summed as such."""
+    n, m, k, out = _kept_shape(a, over_last, b, relu_out, masked)
+    if (relu_out is None) != (masked is None):
+        raise ValueError("sums takes relu_out and masked together")
     sum_a = torch.empty(out, dtype=torch.float64) if plain else None
     sum_ab = torch.empty(out, dtype=torch.float64) if b is not None else None
-    _library().sums(a.data_ptr(), _ptr(b), n, m, k, over_last, _ptr(sum_a), _ptr(sum_ab), torch.get_num_threads())
+    _library().sums(a.data_ptr(), _ptr(b), n, m, k, over_last, _ptr(relu_out), _ptr(masked), _ptr(sum_a),
+                    _ptr(sum_ab), torch.get_num_threads())
     return sum_a, sum_ab
 
 
-def extremes(a: Tensor, over_last: bool, *, low: bool, total: bool = False) -> tuple[Tensor | None, ...]:
+def extremes(a: Tensor, over_last: bool, *, low: bool, total: bool = False,
+             squares: bool = False) -> tuple[Tensor | None, ...]:
     """Max over the middle (or last) dim of a contiguous float32 (n, m, k) tensor with the index
-    of its first occurrence, the same for the min if `low`, and the float64 sum if `total`, all
-    in one read: (max, at_max, min, at_min, sum)."""
+    of its first occurrence, the same for the min if `low`, and the float64 sums of the values
+    (if `total`) and of their squares (if `squares`), all in one read:
+    (max, at_max, min, at_min, sum, sum of squares)."""
     n, m, k, out = _kept_shape(a, over_last)
     high, at_high = torch.empty(out), torch.empty(out, dtype=torch.long)
     lo, at_low = (torch.empty(out), torch.empty(out, dtype=torch.long)) if low else (None, None)
-    sum_a = torch.empty(out, dtype=torch.float64) if total else None
+    sum_a, sum_aa = (torch.empty(out, dtype=torch.float64) if wanted else None for wanted in (total, squares))
     _library().extremes(a.data_ptr(), n, m, k, over_last, high.data_ptr(), at_high.data_ptr(), _ptr(lo), _ptr(at_low),
-                       _ptr(sum_a), torch.get_num_threads())
-    return high, at_high, lo, at_low, sum_a
+                       _ptr(sum_a), _ptr(sum_aa), torch.get_num_threads())
+    return high, at_high, lo, at_low, sum_a, sum_aa
 
 
 def scale_rows(a: Tensor, over_last: bool, scale: Tensor, shift: Tensor | None, out: Tensor,

@@ -33,19 +33,99 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 static inline v8i load8i(const int32_t *p) { v8i v; memcpy(&v, p, sizeof v); return v; }
 static inline void store8i(int32_t *p, v8i v) { memcpy(p, &v, sizeof v); }
 
-/* sum_a[r] = sum of a, sum_ab[r] = sum of a * b over the reduced dim; either pointer may be NULL
-   (b is read only for sum_ab). Over the middle dim the sums go into float lanes for SUMS_CHUNK
-   rows at a time, then into double: accumulating every element in double made this pass
-   compute-bound (13-19 GB/s against torch's 30-50 for a plain sum). With b == a (a sum of
-   squares, for a variance) the lanes sum x - x0 and its square, x0 being the image's first row,
-   so that E[x^2] - E[x]^2, formed in double from the results, keeps its digits for a large mean. */
+/* g where the ReLU passed its input v (v > 0, or NaN, as in torch's threshold_backward), else 0,
+   as a bit mask: written as `v <= 0 ? 0 : g`, GCC 12 loads g with masked loads, which cost the
+   backward a third of its time on Zen 3. */
+static inline float relu_grad(float g, float v) {
+    int32_t bits, keep = -(int32_t)!(v <= 0.0f);
+    memcpy(&bits, &g, sizeof bits);
+    bits &= keep;
+    memcpy(&g, &bits, sizeof g);
+    return g;
+}
+
+/* Running sums per column over one image's rows (the middle dim), in float lanes added into
+   double every SUMS_CHUNK rows: accumulating every element in double made the pass compute-bound
+   (13-19 GB/s against torch's 30-50 for a plain sum). For a sum of squares (squares: a variance)
+   the lanes sum x - x0 and its square, x0 the image's first row, shifted back in double at the
+   end, so that E[x^2] - E[x]^2 formed from the results keeps its digits for a large mean. */
 #define SUMS_CHUNK 16
+struct column_sums {
+    const float *x0;
+    int64_t k;
+    int squares;
+    float *lane_a, *lane_ab;
+    double *sum_a, *sum_ab;
+};
+
+static struct column_sums column_sums_start(const float *x0, int64_t k, int squares) {
+    struct column_sums c = {x0, k, squares, calloc(2 * k, sizeof(float)), NULL, calloc(2 * k, sizeof(double)), NULL};
+    if (!c.lane_a || !c.sum_a) abort();
+    c.lane_ab = c.lane_a + k;
+    c.sum_ab = c.sum_a + k;
+    return c;
+}
+
+/* Row `row` of `rows`: x into the sums of x (if plain) and of x * y (if y), or with squares,
+   of x - x0 and its square. */
+static inline void column_sums_add(struct column_sums *c, const float *x, const float *y, int plain, int64_t row,
+                                   int64_t rows) {
+    float *la = c->lane_a, *lab = c->lane_ab;
+    const float *x0 = c->x0;
+    if (c->squares) {
+        #pragma omp simd
+        for (int64_t j = 0; j < c->k; j++) { float d = x[j] - x0[j]; la[j] += d; lab[j] += d * d; }
+    } else {
+        if (plain) {
+            #pragma omp simd
+            for (int64_t j = 0; j < c->k; j++) la[j] += x[j];
+        }
+        if (y) {
+            #pragma omp simd
+            for (int64_t j = 0; j < c->k; j++) lab[j] += x[j] * y[j];
+        }
+    }
+    if (row % SUMS_CHUNK == SUMS_CHUNK - 1 || row == rows - 1)
+        for (int64_t j = 0; j < c->k; j++) {
+            c->sum_a[j] += la[j];
+            c->sum_ab[j] += lab[j];
+            la[j] = lab[j] = 0.0f;
+        }
+}
+
+/* The sums of x and of x * y (or x * x) over the rows, where the pointers are not NULL. */
+static void column_sums_end(struct column_sums *c, double *sum_a, double *sum_ab, int64_t rows) {
+    for (int64_t j = 0; j < c->k; j++) {
+        double shift = c->squares ? c->x0[j] : 0.0;
+        if (sum_a) sum_a[j] = c->sum_a[j] + rows * shift;
+        if (sum_ab) sum_ab[j] = c->sum_ab[j] + (2.0 * c->sum_a[j] + rows * shift) * shift;
+    }
+    free(c->lane_a);
+    free(c->sum_a);
+}
+
+/* The row a[at..at + k) through a ReLU's backward, given the ReLU's output (if out is not NULL):
+   written to masked, which is returned to be read in its place while it is in L1. */
+static inline const float *past_relu(const float *a, const float *out, float *masked, int64_t at, int64_t k) {
+    if (!out) return a + at;
+    float *g = masked + at;
+    #pragma omp simd
+    for (int64_t j = 0; j < k; j++) g[j] = relu_grad(a[at + j], out[at + j]);
+    return g;
+}
+
+/* sum_a[r] = sum of a, sum_ab[r] = sum of a * b over the reduced dim; either pointer may be NULL
+   (b is read only for sum_ab). If relu_out is not NULL, a is a gradient at a ReLU's output
+   relu_out: it is masked where relu_out <= 0 and written to masked, and the sums are the masked
+   one's (the gates' backward, which would otherwise make that mask a pass of its own). Over the
+   middle dim: float lanes (column_sums), with b == a a sum of squares about the first row. */
 void sums(const float *a, const float *b, int64_t n, int64_t m, int64_t k, int over_last,
-          double *sum_a, double *sum_ab, int threads) {
+          const float *relu_out, float *masked, double *sum_a, double *sum_ab, int threads) {
     if (over_last) {
         #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t r = 0; r < n * m; r++) {
-            const float *x = a + r * k, *y = b ? b + r * k : NULL;
+            const float *x = past_relu(a, relu_out, masked, r * k, k);
+            const float *y = b ? b + r * k : NULL;
             double s = 0.0, p = 0.0;
             if (sum_a) {
                 #pragma omp simd reduction(+ : s)
@@ -62,41 +142,13 @@ void sums(const float *a, const float *b, int64_t n, int64_t m, int64_t k, int o
     }
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t i = 0; i < n; i++) {  /* over the middle dim: row after row, running sums per column */
-        const float *x0 = a + i * m * k;  /* the image's first row, which a sum of squares is taken about */
-        int squares = b == a;
-        double *sa = malloc(2 * k * sizeof(double)), *sab = sa + k;
-        float *lane_a = calloc(2 * k, sizeof(float)), *lane_ab = lane_a + k;
-        if (!sa || !lane_a) abort();
-        for (int64_t j = 0; j < 2 * k; j++) sa[j] = 0.0;
+        const float *x0 = a + i * m * k;
+        struct column_sums c = column_sums_start(x0, k, b == a);
         for (int64_t row = 0; row < m; row++) {
-            const float *x = x0 + row * k, *y = b ? b + (i * m + row) * k : NULL;
-            if (squares) {
-                #pragma omp simd
-                for (int64_t j = 0; j < k; j++) { float d = x[j] - x0[j]; lane_a[j] += d; lane_ab[j] += d * d; }
-            } else {
-                if (sum_a) {
-                    #pragma omp simd
-                    for (int64_t j = 0; j < k; j++) lane_a[j] += x[j];
-                }
-                if (sum_ab) {
-                    #pragma omp simd
-                    for (int64_t j = 0; j < k; j++) lane_ab[j] += x[j] * y[j];
-                }
-            }
-            if (row % SUMS_CHUNK == SUMS_CHUNK - 1 || row == m - 1)
-                for (int64_t j = 0; j < k; j++) {
-                    sa[j] += lane_a[j];
-                    sab[j] += lane_ab[j];
-                    lane_a[j] = lane_ab[j] = 0.0f;
-                }
+            int64_t at = (i * m + row) * k;
+            column_sums_add(&c, past_relu(a, relu_out, masked, at, k), b ? b + at : NULL, sum_a != NULL, row, m);
         }
-        for (int64_t j = 0; j < k; j++) {  /* sums about x0 back to sums of x and x * x, in double */
-            double shift = squares ? x0[j] : 0.0;
-            if (sum_a) sum_a[i * k + j] = sa[j] + m * shift;
-            if (sum_ab) sum_ab[i * k + j] = sab[j] + (2.0 * sa[j] + m * shift) * shift;
-        }
-        free(sa);
-        free(lane_a);
+        column_sums_end(&c, sum_a ? sum_a + i * k : NULL, sum_ab ? sum_ab + i * k : NULL, m);
     }
 }
 
@@ -130,11 +182,11 @@ static inline void running_extreme(const float *y, float *ext, int32_t *best, in
 }
 
 /* Largest and (if low is not NULL) smallest value over the reduced dim, with the index of its
-   first occurrence along that dim, and (if total is not NULL) the sum in the same read. Where a
-   NaN is among the values, which value is reported is unspecified (torch reports the NaN); the
-   gate's output is NaN either way, since the NaN is multiplied through. */
+   first occurrence along that dim, and (if not NULL) the sum and the sum of squares in the same
+   read. Where a NaN is among the values, which value is reported is unspecified (torch reports
+   the NaN); the gate's output is NaN either way, since the NaN is multiplied through. */
 void extremes(const float *a, int64_t n, int64_t m, int64_t k, int over_last, float *high, int64_t *at_high,
-              float *low, int64_t *at_low, double *total, int threads) {
+              float *low, int64_t *at_low, double *total, double *squares, int threads) {
     if (over_last) {  /* each value, then its first position, by vectorised loops over the row (in L1) */
         #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t r = 0; r < n * m; r++) {
@@ -150,11 +202,12 @@ void extremes(const float *a, int64_t n, int64_t m, int64_t k, int over_last, fl
                 low[r] = lo;
                 at_low[r] = first_equal(x, k, lo);
             }
-            if (total) {
-                double sum = 0.0;
-                #pragma omp simd reduction(+ : sum)
-                for (int64_t j = 0; j < k; j++) sum += x[j];
-                total[r] = sum;
+            if (total || squares) {
+                double sum = 0.0, sq = 0.0;
+                #pragma omp simd reduction(+ : sum, sq)
+                for (int64_t j = 0; j < k; j++) { sum += x[j]; sq += (double)x[j] * x[j]; }
+                if (total) total[r] = sum;
+                if (squares) squares[r] = sq;
             }
         }
         return;
@@ -163,24 +216,21 @@ void extremes(const float *a, int64_t n, int64_t m, int64_t k, int over_last, fl
     for (int64_t i = 0; i < n; i++) {  /* over the middle dim: row after row, running values per column */
         const float *x = a + i * m * k;
         float *hi = high + i * k, *lo = low ? low + i * k : NULL;
-        double *sum = total ? total + i * k : NULL;
         int32_t *best = malloc(2 * k * sizeof(int32_t));  /* 32-bit, like the floats, to blend in the same lanes */
         if (!best) abort();
+        struct column_sums c = column_sums_start(x, k, squares != NULL);
         for (int64_t j = 0; j < k; j++) {
             hi[j] = x[j];
             best[j] = best[k + j] = 0;
             if (lo) lo[j] = x[j];
-            if (sum) sum[j] = 0.0;
         }
         for (int32_t row = 0; row < m; row++) {
             const float *y = x + row * k;
             running_extreme(y, hi, best, k, row, 0);
             if (lo) running_extreme(y, lo, best + k, k, row, 1);
-            if (sum) {
-                #pragma omp simd
-                for (int64_t j = 0; j < k; j++) sum[j] += y[j];
-            }
+            if (total || squares) column_sums_add(&c, y, NULL, 1, row, m);
         }
+        column_sums_end(&c, total ? total + i * k : NULL, squares ? squares + i * k : NULL, m);
         for (int64_t j = 0; j < k; j++) {
             at_high[i * k + j] = best[j];
             if (lo) at_low[i * k + j] = best[k + j];
@@ -406,16 +456,6 @@ int outer_scale(const float *x, const float *a, const float *s, const float *t, 
 #define NORM_CHUNK 16
 static inline int64_t norm_span_rows(int64_t c) { return c >= 256 ? 1 : 256 / c; }
 static inline float norm_value(float x, float mean, float scale, float shift) { return (x - mean) * scale + shift; }
-/* g where the ReLU passed its input v (v > 0, or NaN, as in torch's threshold_backward), else 0,
-   as a bit mask: written as `v <= 0 ? 0 : g`, GCC 12 loads g with masked loads, which cost the
-   backward a third of its time on Zen 3. */
-static inline float relu_grad(float g, float v) {
-    int32_t bits, keep = -(int32_t)!(v <= 0.0f);
-    memcpy(&bits, &g, sizeof bits);
-    bits &= keep;
-    memcpy(&g, &bits, sizeof g);
-    return g;
-}
 static void norm_scale(const float *weight, const float *invstd, int64_t c, float *scale) {
     for (int64_t j = 0; j < c; j++) scale[j] = weight[j] * invstd[j];
 }

@@ -260,12 +260,12 @@ class _FusedGate(torch.autograd.Function):
         rows, over_last = _rows(x, layout, over)
         count = rows.shape[2] if over_last else rows.shape[1]
         found, total, squares = {}, None, None
-        # The extremes bring the sum in the same read, unless a variance's sums() brings it anyway.
+        # The extremes bring the sums for a mean and a variance in the same read.
         if "max" in pools or "min" in pools:
-            found["max"], at_high, found["min"], at_low, total = fused.extremes(
-                rows, over_last, low="min" in pools, total="mean" in pools and "var" not in pools)
+            found["max"], at_high, found["min"], at_low, total, squares = fused.extremes(
+                rows, over_last, low="min" in pools, total="mean" in pools or "var" in pools, squares="var" in pools)
             ctx.positions = {"max": at_high, "min": at_low}
-        if "var" in pools or ("mean" in pools and total is None):
+        elif "var" in pools or "mean" in pools:
             total, squares = fused.sums(rows, rows if "var" in pools else None, over_last)
         if total is not None:
             mean = total / count
@@ -289,9 +289,13 @@ class _FusedGate(torch.autograd.Function):
         x, out = ctx.saved_tensors
         leaves, outputs = ctx.graph
         rows, over_last = _rows(x, ctx.layout, ctx.over)
-        dz = _past_relu(dy, out).contiguous(memory_format=ctx.layout)
+        dy = dy.contiguous(memory_format=ctx.layout)
+        # Where the gate applied the block's ReLU, the sums' read masks dy by it and writes dz.
+        dz = dy if out is None else torch.empty_like(dy)
         dz_rows = _rows(dz, ctx.layout, ctx.over)[0]
-        d_shift, d_scale = fused.sums(dz_rows, rows, over_last, plain=len(outputs) == 2)
+        d_shift, d_scale = fused.sums(_rows(dy, ctx.layout, ctx.over)[0], rows, over_last, plain=len(outputs) == 2,
+                                      relu_out=None if out is None else _rows(out, ctx.layout, ctx.over)[0],
+                                      masked=None if out is None else dz_rows)
         by_pool, param_grads = _differentiate(outputs, (d_scale, d_shift), leaves, ctx.pools, ctx.params)
 
         # dx = dz * scale + (d_mean - 2 mean d_var) / count + x * 2 d_var / count, then the max's
@@ -326,7 +330,7 @@ class _FusedChannelSpatialGate(torch.autograd.Function):
                 relu: bool, *params: Tensor) -> Tensor:
         n, c, h, w = x.shape
         rows = _rows(x, torch.channels_last, "pixels")[0]  # (N, H*W, C)
-        high, at_high, _, _, total = fused.extremes(rows, False, low=False, total=True)
+        high, at_high, _, _, total, _ = fused.extremes(rows, False, low=False, total=True)
         channel = _attend(channel_attention, channel_pools, {"mean": (total / (h * w)).float(), "max": high},
                           (n, c, 1, 1), params)
         high_c, at_c, total_c = fused.outer_pools(rows, channel[1][0])

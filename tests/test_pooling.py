@@ -340,6 +340,8 @@ def test_inputs_the_kernels_cannot_take_use_torch_ops() -> None:
         fused.sums(torch.zeros(2, 3, 4, dtype=torch.float64), None, False)
     with pytest.raises(ValueError, match="1 <= m, k"):
         fused.extremes(torch.zeros(2, 0, 4), False, low=False)
+    with pytest.raises(ValueError, match="relu_out and masked together"):
+        fused.sums(torch.zeros(2, 3, 4), None, False, relu_out=torch.zeros(2, 3, 4))
     with pytest.raises(ValueError, match="peak positions"):
         a = torch.zeros(1, 3, 4)
         fused.scale_rows(a, False, torch.ones(1, 4), None, torch.empty_like(a), [(torch.full((1, 4), 3), torch.ones(1, 4))])
@@ -364,8 +366,13 @@ def test_kernels_agree_with_torch(over_last: bool) -> None:
     total, products = fused.sums(a, b, over_last)
     assert torch.allclose(total, a.double().sum(dim)) and torch.allclose(products, (a.double() * b).sum(dim))
     assert fused.sums(a, None, over_last, plain=True)[1] is None
-    high, at_high, low, at_low, total_too = fused.extremes(a, over_last, low=True, total=True)
-    assert torch.allclose(total_too, a.double().sum(dim))
+    relu_out, masked = torch.relu(_distinct((3, 40, 17), seed=2)), torch.empty_like(a)
+    total, products = fused.sums(a, b, over_last, relu_out=relu_out, masked=masked)
+    expected = torch.ops.aten.threshold_backward(a, relu_out, 0)
+    assert torch.equal(masked, expected) and (masked == 0).any() and (masked != 0).any()
+    assert torch.allclose(total, expected.double().sum(dim)) and torch.allclose(products, (expected.double() * b).sum(dim))
+    high, at_high, low, at_low, total_too, squares = fused.extremes(a, over_last, low=True, total=True, squares=True)
+    assert torch.allclose(total_too, a.double().sum(dim)) and torch.allclose(squares, a.double().square().sum(dim))
     assert torch.equal(high, a.amax(dim)) and torch.equal(at_high, a.argmax(dim))
     assert torch.equal(low, a.amin(dim)) and torch.equal(at_low, a.argmin(dim))
     scale, shift, bump, b_scale = (_distinct(tuple(high.shape), seed=s) for s in (3, 4, 5, 6))
@@ -380,17 +387,19 @@ def test_kernels_agree_with_torch(over_last: bool) -> None:
 @needs_kernels
 @pytest.mark.parametrize("over_last", [False, True])
 def test_a_sum_of_squares_keeps_the_variance_of_values_with_a_large_mean(over_last: bool) -> None:
-    """A gate's "var" pool is E[x^2] - E[x]^2 from sums(x, x): with a mean 1000 standard deviations
-    from 0, float sums of x * x would lose the variance entirely (float lanes, unshifted: 3%
-    off); the kernel sums about each image's first row, and the result is float64's."""
+    """A gate's "var" pool is E[x^2] - E[x]^2 from sums(x, x), or from extremes() with a max or min
+    pool: with a mean 1000 standard deviations from 0, float sums of x * x would lose the variance
+    (float lanes, unshifted: 3% off); the kernels sum about each image's first row, and the
+    result is float64's."""
     g = torch.Generator().manual_seed(0)
     a = 1000 + torch.randn(3, 300, 17, generator=g)
     dim = 2 if over_last else 1
-    total, squares = fused.sums(a, a, over_last)
     count = a.shape[dim]
-    variance = squares / count - (total / count) ** 2
-    assert torch.allclose(variance, a.double().var(dim, correction=0), rtol=1e-4)
-    assert torch.allclose(total, a.double().sum(dim), rtol=1e-9)
+    for total, squares in (fused.sums(a, a, over_last), fused.extremes(a, over_last, low=False, total=True,
+                                                                       squares=True)[4:]):
+        variance = squares / count - (total / count) ** 2
+        assert torch.allclose(variance, a.double().var(dim, correction=0), rtol=1e-4)
+        assert torch.allclose(total, a.double().sum(dim), rtol=1e-9)
 
 
 @pytest.fixture
