@@ -47,7 +47,8 @@ class BatchNorm2d(nn.BatchNorm2d):
         buffers = (self.running_mean, self.running_var, self.num_batches_tracked)
         running = [buffer for buffer in buffers[:2] if buffer is not None]
         return (type(self).forward is BatchNorm2d.forward and self.training and self.affine and x.dim() == 4
-                and x.numel() > x.shape[1] and all((buffer is not None) == self.track_running_stats for buffer in buffers)
+                and x.numel() > x.shape[1]
+                and all((buffer is not None) == self.track_running_stats for buffer in buffers)
                 and fused.serves(params=(self.weight, self.bias, *running)))
 
     def _fusable(self, x: Tensor, residual: Tensor | None) -> bool:

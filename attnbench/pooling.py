@@ -11,8 +11,9 @@ backward reads dy and x once for the attention's gradient and writes dx once, wi
 gradient folded in (a constant per row for a mean, one element per row for a max or min). A gate
 that ends a block is also handed the block's shortcut (attnbench.residual) and writes
 relu(x * scale + shortcut) in that one write, reading the shortcut as it goes, so the block's add
-never reads the product back; its backward then starts with torch's threshold_backward, the pass
-that the block's ReLU would have made anyway.
+never reads the product back; its backward masks dy by the ReLU in the read that sums the
+attention's gradient (the channel-then-spatial pair starts with torch's threshold_backward, the
+pass that the block's ReLU would have made anyway).
 
 The block's last batch norm goes into the same passes. Its output y = x * a + b (a, b per channel
 from the batch's statistics) has pools that follow from x's: the batch's mean and variance come

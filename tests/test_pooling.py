@@ -168,7 +168,8 @@ def test_a_batch_norm_before_a_gate_folds_into_it(pools, shift, case, momentum, 
     bn = _batch_norm(x.shape[1], momentum=momentum)
     calls = []
     bn.register_forward_hook(lambda *_: calls.append("bn"))
-    monkeypatch.setattr(pooling._FusedGate, "apply", lambda *a, apply=pooling._FusedGate.apply: calls.append(a[3]) or apply(*a))
+    apply = pooling._FusedGate.apply
+    monkeypatch.setattr(pooling._FusedGate, "apply", lambda *a: calls.append(a[3]) or apply(*a))
     y, dx, grads, state = _run_after_norm(x, pools, shift, True, bn)
     assert len(calls) == 1 and isinstance(calls[0], pooling._AfterNorm), "the norm was not folded"
     y_ref, dx_ref, grads_ref, state_ref = _run_after_norm(x, pools, shift, False, bn)
@@ -208,8 +209,8 @@ def test_a_norm_that_cannot_fold_runs_before_the_gate() -> None:
     for name, layer in layers.items():
         attentions = []
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(pooling._FusedGate, "apply", lambda *a, apply=pooling._FusedGate.apply: attentions.append(a[3])
-                          or apply(*a))
+            apply = pooling._FusedGate.apply
+            patch.setattr(pooling._FusedGate, "apply", lambda *a, apply=apply: attentions.append(a[3]) or apply(*a))
             y = gate(x, ["mean", "max"], lambda m, h: (m + h).sigmoid(), [], before=layer)
         assert len(attentions) == 1 and not isinstance(attentions[0], pooling._AfterNorm), name
         z = layer(x)
@@ -370,7 +371,8 @@ def test_kernels_agree_with_torch(over_last: bool) -> None:
     total, products = fused.sums(a, b, over_last, relu_out=relu_out, masked=masked)
     expected = torch.ops.aten.threshold_backward(a, relu_out, 0)
     assert torch.equal(masked, expected) and (masked == 0).any() and (masked != 0).any()
-    assert torch.allclose(total, expected.double().sum(dim)) and torch.allclose(products, (expected.double() * b).sum(dim))
+    assert torch.allclose(total, expected.double().sum(dim))
+    assert torch.allclose(products, (expected.double() * b).sum(dim))
     high, at_high, low, at_low, total_too, squares = fused.extremes(a, over_last, low=True, total=True, squares=True)
     assert torch.allclose(total_too, a.double().sum(dim)) and torch.allclose(squares, a.double().square().sum(dim))
     assert torch.equal(high, a.amax(dim)) and torch.equal(at_high, a.argmax(dim))
