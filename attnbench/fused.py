@@ -89,10 +89,10 @@ def library() -> ctypes.CDLL | None:
         lib.scale_rows.argtypes = [p, i64, i64, i64, i32, p, p, p, p, p, i32, i32, p, p, p, i32]
         lib.conv_weight_grad.argtypes = [p, p, p, *[i64] * 10, i32]
         lib.conv_same.argtypes = lib.conv_same_weight_grad.argtypes = [p, p, p, *[i64] * 6, i32]
-        lib.outer_pools.argtypes = [p, p, i64, i64, i64, p, p, p, i32]
-        lib.outer_row_dots.argtypes = [p, p, p, i64, i64, i64, p, i32]
-        lib.outer_col_sums.argtypes = [p, p, p, p, p, p, i64, i64, i64, p, i32]
-        lib.outer_scale.argtypes = [p, p, p, p, p, p, p, p, p, p, i32, i64, i64, i64, p, i32]
+        lib.outer_pools.argtypes = [p, p, p, i64, i64, i64, p, p, p, i32]
+        lib.outer_row_dots.argtypes = [p, p, p, p, i64, i64, i64, p, i32]
+        lib.outer_col_sums.argtypes = [p, p, p, p, p, p, i64, i64, i64, p, p, i32]
+        lib.outer_scale.argtypes = [p, p, p, p, p, p, p, p, p, p, i32, p, p, p, i32, i64, i64, i64, p, i32]
         f64 = ctypes.c_double
         lib.norm_forward.argtypes = [p, p, p, f64, p, p, f64, p, i32, i64, i64, p, p, p, i32]
         lib.norm_backward.argtypes = [p, p, p, p, p, p, p, i32, i64, i64, p, p, p, p, i32]
@@ -230,58 +230,72 @@ def _checked(status: int) -> None:
 # A channel gate then a spatial gate (CBAM) over a channels_last x read as (n, m pixels, k
 # channels): y = x * a * s, a one value per (n, k), s one per (n, m); see kernels.c.
 
-def outer_pools(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per pixel, over the channels of x * a in one read: (max, its first position, float64 sum)."""
+def outer_pools(x: Tensor, a: Tensor, b: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per pixel, over the channels of x * a + b (b may be None) in one read: (max, its first
+    position, float64 sum)."""
     n, m, k, per_pixel = _kept_shape(x, True)
-    a = _per(a, [n, k])  # every operand stays bound to a name until the call returns: a temporary's memory would be freed
+    # every operand stays bound to a name until the call returns: a temporary's memory would be freed
+    a, b = _per(a, [n, k]), _per(b, [n, k])
     high, at = torch.empty(per_pixel), torch.empty(per_pixel, dtype=torch.long)
     total = torch.empty(per_pixel, dtype=torch.float64)
-    _library().outer_pools(x.data_ptr(), a.data_ptr(), n, m, k, high.data_ptr(), at.data_ptr(), total.data_ptr(),
-                           torch.get_num_threads())
+    _library().outer_pools(x.data_ptr(), a.data_ptr(), _ptr(b), n, m, k, high.data_ptr(), at.data_ptr(),
+                           total.data_ptr(), torch.get_num_threads())
     return high, at, total
 
 
-def outer_row_dots(dy: Tensor, x: Tensor, a: Tensor) -> Tensor:
-    """Per pixel, the float64 sum over the channels of dy * x * a."""
+def outer_row_dots(dy: Tensor, x: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
+    """Per pixel, the float64 sum over the channels of dy * (x * a + b) (b may be None)."""
     n, m, k, per_pixel = _kept_shape(x, True, dy)
-    a, out = _per(a, [n, k]), torch.empty(per_pixel, dtype=torch.float64)
-    _library().outer_row_dots(dy.data_ptr(), x.data_ptr(), a.data_ptr(), n, m, k, out.data_ptr(), torch.get_num_threads())
+    a, b, out = _per(a, [n, k]), _per(b, [n, k]), torch.empty(per_pixel, dtype=torch.float64)
+    _library().outer_row_dots(dy.data_ptr(), x.data_ptr(), a.data_ptr(), _ptr(b), n, m, k, out.data_ptr(),
+                              torch.get_num_threads())
     return out
 
 
-def outer_col_sums(dy: Tensor, x: Tensor, s: Tensor, t: Tensor, peak_at: Tensor, peak: Tensor) -> Tensor:
-    """Per image and channel, the float64 sum over the pixels of (dy * s + t + peak at channel
-    peak_at) * x, with s, t, peak_at and peak one per pixel."""
+def outer_col_sums(dy: Tensor, x: Tensor, s: Tensor, t: Tensor, peak_at: Tensor, peak: Tensor, *,
+                   plain: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Per image and channel, the float64 sums over the pixels of g * x and (if `plain`) of g,
+    where g = dy * s + t + peak at channel peak_at, with s, t, peak_at and peak one per pixel."""
     n, m, k, per_pixel = _kept_shape(x, True, dy)
     operands = [_per(s, per_pixel), _per(t, per_pixel), _positions(peak_at, per_pixel), _per(peak, per_pixel)]
     out = torch.empty(n, k, dtype=torch.float64)
+    sum_g = torch.empty(n, k, dtype=torch.float64) if plain else None
     _checked(_library().outer_col_sums(dy.data_ptr(), x.data_ptr(), *(v.data_ptr() for v in operands), n, m, k,
-                                       out.data_ptr(), torch.get_num_threads()))
-    return out
+                                       out.data_ptr(), _ptr(sum_g), torch.get_num_threads()))
+    return out, sum_g
 
 
 def outer_scale(x: Tensor, a: Tensor, s: Tensor, out: Tensor, t: Tensor | None = None, u: Tensor | None = None,
-                row_peaks: tuple[Tensor, Tensor] | None = None, col_peaks: tuple[Tensor, Tensor] | None = None,
-                residual: Tensor | None = None, relu: bool = False) -> None:
-    """out = (x * s + t + row peak) * a + u + column peak, s and t one value per pixel, a and u
-    one per (image, channel); a row peak (position, value) per pixel adds at that channel, a
-    column peak per (image, channel) at that pixel. Forward gives x, a and s, and may add a
-    residual (n, m, k) and apply a ReLU, a block's; backward gives t, u and both peaks too."""
-    n, m, k, per_pixel = _kept_shape(x, True, out, residual)
+                row_peaks: tuple[Tensor, Tensor] | None = None, col_peaks: Sequence[tuple[Tensor, Tensor]] = (),
+                residual: Tensor | None = None, relu: bool = False, shift: Tensor | None = None,
+                b: Tensor | None = None, b_scale: Tensor | None = None) -> None:
+    """Forward: out = (x * a + shift) * s, shift optional, plus a residual (n, m, k) and through a
+    ReLU, a block's, if given. Backward (t, u and row_peaks given): out = (x * s + t + row peak) *
+    a + u + b * b_scale (b optional) + column peaks. s and t hold one value per pixel, a, shift, u
+    and b_scale one per (image, channel); a row peak (position, value) per pixel adds at that
+    channel, a column peak per (image, channel) at that pixel."""
+    n, m, k, per_pixel = _kept_shape(x, True, out, residual, b)
     per_channel = [n, k]
-    backward = (t, u, row_peaks, col_peaks)
+    backward = (t, u, row_peaks)
     if any(v is None for v in backward) and any(v is not None for v in backward):
-        raise ValueError("outer_scale takes t, u and both peaks together, or none of them")
-    if t is not None and (residual is not None or relu):
-        raise ValueError("outer_scale takes a residual and ReLU in the forward only (without t, u and peaks)")
-    operands = [_per(a, per_channel), _per(s, per_pixel)]
-    if t is not None:
-        operands += [_per(t, per_pixel), _per(u, per_channel),
-                     _positions(row_peaks[0], per_pixel), _per(row_peaks[1], per_pixel),
-                     _positions(col_peaks[0], per_channel), _per(col_peaks[1], per_channel)]
-    pointers = [v.data_ptr() for v in operands] + [None] * (8 - len(operands))
-    _checked(_library().outer_scale(x.data_ptr(), *pointers, _ptr(residual), relu, n, m, k, out.data_ptr(),
-                                    torch.get_num_threads()))
+        raise ValueError("outer_scale takes t, u and the row peaks together, or none of them")
+    if (b is None) != (b_scale is None):
+        raise ValueError("outer_scale takes b and b_scale together")
+    if t is None and (col_peaks or b is not None):
+        raise ValueError("outer_scale takes column peaks and b with t, u and the row peaks (a backward's)")
+    if t is not None and (residual is not None or relu or shift is not None):
+        raise ValueError("outer_scale takes a shift, a residual and a ReLU in the forward only (without t, u and peaks)")
+    a, s, shift, u, b_scale = _per(a, per_channel), _per(s, per_pixel), _per(shift, per_channel), \
+        _per(u, per_channel), _per(b_scale, per_channel)
+    t = _per(t, per_pixel)
+    row_at, row_add = (None, None) if row_peaks is None else (_positions(row_peaks[0], per_pixel),
+                                                              _per(row_peaks[1], per_pixel))
+    cols = [(_positions(at, per_channel), _per(v, per_channel)) for at, v in col_peaks]
+    col_at = (ctypes.c_void_p * len(cols))(*(at.data_ptr() for at, _ in cols))
+    col_add = (ctypes.c_void_p * len(cols))(*(v.data_ptr() for _, v in cols))
+    _checked(_library().outer_scale(x.data_ptr(), a.data_ptr(), _ptr(shift), s.data_ptr(), _ptr(t), _ptr(u),
+                                    _ptr(row_at), _ptr(row_add), _ptr(b), _ptr(b_scale), len(cols), col_at, col_add,
+                                    _ptr(residual), relu, n, m, k, out.data_ptr(), torch.get_num_threads()))
 
 
 # Batch norm over a channels_last activation read as (rows = N*H*W, c channels); see kernels.c.

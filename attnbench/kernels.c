@@ -11,8 +11,8 @@
    loop for convs with a handful of channels, where oneDNN is slower still.
 
    attnbench/fused.py compiles this file and calls it through ctypes. Sums accumulate in double,
-   except the convolution's (in float, as oneDNN's) and the batch norm's (in float over 16
-   values, then in double). Loops run on the OpenMP threads of the
+   except the convolution's (in float, as oneDNN's), the batch norm's (in float over 16 values,
+   then in double) and the gates' over the middle dim (in float over 16 rows, then in double). Loops run on the OpenMP threads of the
    libgomp that torch loaded. */
 
 #include <math.h>
@@ -47,22 +47,30 @@ static inline float relu_grad(float g, float v) {
 /* Running sums per column over one image's rows (the middle dim), in float lanes added into
    double every SUMS_CHUNK rows: accumulating every element in double made the pass compute-bound
    (13-19 GB/s against torch's 30-50 for a plain sum). For a sum of squares (squares: a variance)
-   the lanes sum x - x0 and its square, x0 the image's first row, shifted back in double at the
-   end, so that E[x^2] - E[x]^2 formed from the results keeps its digits for a large mean. */
+   the lanes sum x - x0 and its square, x0 the mean of the image's first SUMS_CHUNK rows (a single
+   row may lie far out: a zero-padded conv's corner), shifted back in double at the end, so that
+   E[x^2] - E[x]^2 formed from the results keeps its digits for a large mean. */
 #define SUMS_CHUNK 16
 struct column_sums {
-    const float *x0;
     int64_t k;
     int squares;
-    float *lane_a, *lane_ab;
+    float *x0, *lane_a, *lane_ab;
     double *sum_a, *sum_ab;
 };
 
-static struct column_sums column_sums_start(const float *x0, int64_t k, int squares) {
-    struct column_sums c = {x0, k, squares, calloc(2 * k, sizeof(float)), NULL, calloc(2 * k, sizeof(double)), NULL};
-    if (!c.lane_a || !c.sum_a) abort();
-    c.lane_ab = c.lane_a + k;
+/* Sums over the rows of x (rows x k, contiguous) to come, squares about their first rows' mean. */
+static struct column_sums column_sums_start(const float *x, int64_t rows, int64_t k, int squares) {
+    struct column_sums c = {k, squares, calloc(3 * k, sizeof(float)), NULL, NULL, calloc(2 * k, sizeof(double)), NULL};
+    if (!c.x0 || !c.sum_a) abort();
+    c.lane_a = c.x0 + k;
+    c.lane_ab = c.x0 + 2 * k;
     c.sum_ab = c.sum_a + k;
+    if (squares) {
+        int64_t first = rows < SUMS_CHUNK ? rows : SUMS_CHUNK;
+        for (int64_t row = 0; row < first; row++)
+            for (int64_t j = 0; j < k; j++) c.x0[j] += x[row * k + j];
+        for (int64_t j = 0; j < k; j++) c.x0[j] /= (float)first;
+    }
     return c;
 }
 
@@ -100,7 +108,7 @@ static void column_sums_end(struct column_sums *c, double *sum_a, double *sum_ab
         if (sum_a) sum_a[j] = c->sum_a[j] + rows * shift;
         if (sum_ab) sum_ab[j] = c->sum_ab[j] + (2.0 * c->sum_a[j] + rows * shift) * shift;
     }
-    free(c->lane_a);
+    free(c->x0);
     free(c->sum_a);
 }
 
@@ -142,8 +150,7 @@ void sums(const float *a, const float *b, int64_t n, int64_t m, int64_t k, int o
     }
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t i = 0; i < n; i++) {  /* over the middle dim: row after row, running sums per column */
-        const float *x0 = a + i * m * k;
-        struct column_sums c = column_sums_start(x0, k, b == a);
+        struct column_sums c = column_sums_start(a + i * m * k, m, k, b == a);
         for (int64_t row = 0; row < m; row++) {
             int64_t at = (i * m + row) * k;
             column_sums_add(&c, past_relu(a, relu_out, masked, at, k), b ? b + at : NULL, sum_a != NULL, row, m);
@@ -218,7 +225,8 @@ void extremes(const float *a, int64_t n, int64_t m, int64_t k, int over_last, fl
         float *hi = high + i * k, *lo = low ? low + i * k : NULL;
         int32_t *best = malloc(2 * k * sizeof(int32_t));  /* 32-bit, like the floats, to blend in the same lanes */
         if (!best) abort();
-        struct column_sums c = column_sums_start(x, k, squares != NULL);
+        struct column_sums c = {0};
+        if (total || squares) c = column_sums_start(x, m, k, squares != NULL);
         for (int64_t j = 0; j < k; j++) {
             hi[j] = x[j];
             best[j] = best[k + j] = 0;
@@ -230,7 +238,7 @@ void extremes(const float *a, int64_t n, int64_t m, int64_t k, int over_last, fl
             if (lo) running_extreme(y, lo, best + k, k, row, 1);
             if (total || squares) column_sums_add(&c, y, NULL, 1, row, m);
         }
-        column_sums_end(&c, total ? total + i * k : NULL, squares ? squares + i * k : NULL, m);
+        if (total || squares) column_sums_end(&c, total ? total + i * k : NULL, squares ? squares + i * k : NULL, m);
         for (int64_t j = 0; j < k; j++) {
             at_high[i * k + j] = best[j];
             if (lo) at_low[i * k + j] = best[k + j];
@@ -337,8 +345,8 @@ int scale_rows(const float *a, int64_t n, int64_t m, int64_t k, int over_last, c
    y1 = x * a and y = y1 * s. */
 
 /* Per pixel, over the channels of y1 = x * a: the max with its first position and the sum. */
-void outer_pools(const float *x, const float *a, int64_t n, int64_t m, int64_t k, float *high, int64_t *at_high,
-                 double *total, int threads) {
+void outer_pools(const float *x, const float *a, const float *b, int64_t n, int64_t m, int64_t k, float *high,
+                 int64_t *at_high, double *total, int threads) {
     int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
@@ -350,12 +358,13 @@ void outer_pools(const float *x, const float *a, int64_t n, int64_t m, int64_t k
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < n * m; r++) {
             if (!y1) continue;
-            const float *row = x + r * k, *scale = a + (r / m) * k;
-            float hi = row[0] * scale[0];
+            const float *row = x + r * k, *scale = a + (r / m) * k, *shift = b ? b + (r / m) * k : NULL;
+            #pragma omp simd
+            for (int64_t j = 0; j < k; j++) y1[j] = row[j] * scale[j] + (shift ? shift[j] : 0.0f);
+            float hi = y1[0];
             double sum = 0.0;
             #pragma omp simd reduction(max : hi) reduction(+ : sum)
             for (int64_t j = 0; j < k; j++) {
-                y1[j] = row[j] * scale[j];
                 hi = y1[j] > hi ? y1[j] : hi;
                 sum += y1[j];
             }
@@ -368,63 +377,81 @@ void outer_pools(const float *x, const float *a, int64_t n, int64_t m, int64_t k
     if (failed) abort();  /* k floats per thread: only an exhausted heap gets here */
 }
 
-/* Per pixel, over the channels: sum of dy * x * a, the gradient of the spatial scale s. */
-void outer_row_dots(const float *dy, const float *x, const float *a, int64_t n, int64_t m, int64_t k, double *out,
-                    int threads) {
+/* Per pixel, over the channels: sum of dy * (x * a + b), the gradient of the spatial scale s (b,
+   the channel gate's shift, may be NULL). */
+void outer_row_dots(const float *dy, const float *x, const float *a, const float *b, int64_t n, int64_t m, int64_t k,
+                    double *out, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < n * m; r++) {
-        const float *g = dy + r * k, *row = x + r * k, *scale = a + (r / m) * k;
+        const float *g = dy + r * k, *row = x + r * k, *scale = a + (r / m) * k, *shift = b ? b + (r / m) * k : NULL;
         double sum = 0.0;
         #pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < k; j++) sum += (double)g[j] * row[j] * scale[j];
+        for (int64_t j = 0; j < k; j++) sum += (double)g[j] * (row[j] * scale[j] + (shift ? shift[j] : 0.0f));
         out[r] = sum;
     }
 }
 
 /* Per image and channel, over the pixels: sum of dy1 * x, the gradient of the channel scale a,
-   where dy1 = dy * s[r] + t[r] plus peak[r] at channel at[r] is the gradient of y1 (t and the
-   peaks carry the spatial gate's mean and max pooling). Returns -1 if a position is out of range. */
+   and (if plain is not NULL) sum of dy1, that of its shift, where dy1 = dy * s[r] + t[r] plus
+   peak[r] at channel at[r] is the gradient of y1 (t and the peaks carry the spatial gate's mean
+   and max pooling). Returns -1 if a position is out of range. */
 int outer_col_sums(const float *dy, const float *x, const float *s, const float *t, const int64_t *at,
-                   const float *peak, int64_t n, int64_t m, int64_t k, double *out, int threads) {
+                   const float *peak, int64_t n, int64_t m, int64_t k, double *out, double *plain, int threads) {
     int bad = 0;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t i = 0; i < n; i++) {
-        double *sum = out + i * k;
-        for (int64_t j = 0; j < k; j++) sum[j] = 0.0;
+        double *sum = out + i * k, *sum_g = plain ? plain + i * k : NULL;
+        for (int64_t j = 0; j < k; j++) {
+            sum[j] = 0.0;
+            if (sum_g) sum_g[j] = 0.0;
+        }
         for (int64_t r = i * m; r < (i + 1) * m; r++) {
             const float *g = dy + r * k, *row = x + r * k;
             float sr = s[r], tr = t[r];
             #pragma omp simd
             for (int64_t j = 0; j < k; j++) sum[j] += (double)(g[j] * sr + tr) * row[j];
+            if (sum_g) {
+                #pragma omp simd
+                for (int64_t j = 0; j < k; j++) sum_g[j] += g[j] * sr + tr;
+            }
             if (BAD_POSITION(at[r], k)) {
                 #pragma omp atomic write
                 bad = 1;
             } else {
                 sum[at[r]] += (double)peak[r] * row[at[r]];
+                if (sum_g) sum_g[at[r]] += peak[r];
             }
         }
     }
     return bad ? -1 : 0;
 }
 
-/* out = (x * s[r] + t[r] + row_peak[r] at channel row_at[r]) * a + u, then plus col_peak at pixel
-   col_at of each channel. Forward: x * s * a (t, u and the peaks NULL), plus residual (if not
-   NULL) and through a ReLU (if relu). Backward, from dy: the
-   gradient of y1 (as in outer_col_sums) times a, plus the channel gate's mean (u) and max
-   (col_peak) pooling gradients. Returns -1 if a position is out of range. */
-int outer_scale(const float *x, const float *a, const float *s, const float *t, const float *u,
-                const int64_t *row_at, const float *row_peak, const int64_t *col_at, const float *col_peak,
-                const float *residual, int relu, int64_t n, int64_t m, int64_t k, float *out, int threads) {
+/* out = (x * s[r] + t[r] + row_peak[r] at channel row_at[r]) * a + u + xb * xb_scale, then plus
+   each column peak (col_peak[p] at pixel col_at[p] of each channel). Forward: (x * a + shift) *
+   s (t, u, xb and the peaks NULL; shift, the channel gate's, may be NULL), plus residual (if not
+   NULL) and through a ReLU (if relu). Backward, from dy: the gradient of y1 (as in
+   outer_col_sums) times a, plus the channel gate's mean (u), variance (u and xb, which is x, times
+   xb_scale) and max or min (the column peaks) pooling gradients. Returns -1 if a position is out
+   of range. */
+int outer_scale(const float *x, const float *a, const float *shift, const float *s, const float *t, const float *u,
+                const int64_t *row_at, const float *row_peak, const float *xb, const float *xb_scale, int col_peaks,
+                const int64_t *const *col_at, const float *const *col_peak, const float *residual, int relu,
+                int64_t n, int64_t m, int64_t k, float *out, int threads) {
     int bad = 0;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < n * m; r++) {
         const float *row = x + r * k, *scale = a + (r / m) * k;
         float *y = out + r * k, sr = s[r];
         if (t) {
-            const float *shift = u + (r / m) * k;
+            const float *add = u + (r / m) * k;
             float tr = t[r];
             #pragma omp simd
-            for (int64_t j = 0; j < k; j++) y[j] = (row[j] * sr + tr) * scale[j] + shift[j];
+            for (int64_t j = 0; j < k; j++) y[j] = (row[j] * sr + tr) * scale[j] + add[j];
+            if (xb) {
+                const float *xr = xb + r * k, *xs = xb_scale + (r / m) * k;
+                #pragma omp simd
+                for (int64_t j = 0; j < k; j++) y[j] += xr[j] * xs[j];
+            }
             if (BAD_POSITION(row_at[r], k)) {
                 #pragma omp atomic write
                 bad = 1;
@@ -432,12 +459,13 @@ int outer_scale(const float *x, const float *a, const float *s, const float *t, 
                 y[row_at[r]] += row_peak[r] * scale[row_at[r]];
             }
         } else {
+            const float *sh = shift ? shift + (r / m) * k : NULL;
             #pragma omp simd
-            for (int64_t j = 0; j < k; j++) y[j] = row[j] * sr * scale[j];
+            for (int64_t j = 0; j < k; j++) y[j] = (row[j] * scale[j] + (sh ? sh[j] : 0.0f)) * sr;
             add_residual(y, residual ? residual + r * k : NULL, k, relu);
         }
     }
-    if (t) bad |= add_column_peaks(out, n, m, k, col_at, col_peak, threads);
+    for (int p = 0; p < col_peaks; p++) bad |= add_column_peaks(out, n, m, k, col_at[p], col_peak[p], threads);
     return bad ? -1 : 0;
 }
 

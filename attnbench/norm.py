@@ -40,21 +40,23 @@ class BatchNorm2d(nn.BatchNorm2d):
 
     def foldable(self, x: Tensor) -> bool:
         """Whether this norm, given x, is the plain training batch norm that a later layer may
-        compute from x's statistics itself (attnbench.pooling folds it into a gate): training,
-        affine, with all running buffers or none, more than one value per channel, weights the
-        C kernels serve, and this class's forward. Else the norm must run as itself, which
-        raises where it should."""
+        compute from x's statistics itself (attnbench.pooling folds it into a gate): this class's
+        forward (not a subclass's own), and the conditions of _trains_in_c."""
+        return type(self).forward is BatchNorm2d.forward and self._trains_in_c(x)
+
+    def _trains_in_c(self, x: Tensor) -> bool:
+        """Training, affine, with all running buffers or none, more than one value per channel,
+        weights the C kernels serve. Else torch's forward, which raises where it should."""
         buffers = (self.running_mean, self.running_var, self.num_batches_tracked)
         running = [buffer for buffer in buffers[:2] if buffer is not None]
-        return (type(self).forward is BatchNorm2d.forward and self.training and self.affine and x.dim() == 4
-                and x.numel() > x.shape[1]
+        return (self.training and self.affine and x.dim() == 4 and x.numel() > x.shape[1]
                 and all((buffer is not None) == self.track_running_stats for buffer in buffers)
                 and fused.serves(params=(self.weight, self.bias, *running)))
 
     def _fusable(self, x: Tensor, residual: Tensor | None) -> bool:
-        """foldable, on tensors the C kernels serve (channels_last, the residual alike). serves()
-        comes before the layout: under vmap, asking for the channels_last layout raises."""
-        return (self.foldable(x) and fused.serves(x, residual)
+        """_trains_in_c, on tensors the C kernels serve (channels_last, the residual alike).
+        serves() comes before the layout: under vmap, asking for the channels_last layout raises."""
+        return (self._trains_in_c(x) and fused.serves(x, residual)
                 and x.is_contiguous(memory_format=torch.channels_last)
                 and (residual is None or (residual.shape == x.shape
                                           and residual.is_contiguous(memory_format=torch.channels_last))))

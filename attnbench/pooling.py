@@ -82,21 +82,32 @@ def gate(x: Tensor, pools: Sequence[str], attention: Callable[..., Scale], param
                         residual, relu)
 
 
-def channel_spatial_gate(x: Tensor, channel_pools: Sequence[str], channel_attention: Callable[..., Tensor],
+def channel_spatial_gate(x: Tensor, channel_pools: Sequence[str], channel_attention: Callable[..., Scale],
                          spatial_pools: Sequence[str], spatial_attention: Callable[..., Tensor], *,
-                         residual: Tensor | None = None, relu: bool = False) -> Tensor:
+                         residual: Tensor | None = None, relu: bool = False, before: nn.Module | None = None) -> Tensor:
     """A channel gate, then a spatial gate on its output, as CBAM has them:
     gate(gate(x, channel_pools, channel_attention), spatial_pools, spatial_attention, over="channels",
-    residual=residual, relu=relu).
-    Both attentions are methods of a module and return a scale. Training on the CPU with a
-    channels_last x and pools from "mean" and "max", the pair runs as one Function that never
-    writes the channel gate's output: three passes over x forward and three back, where two
-    gates make four and four (CBAM's gate step at ResNet-164's first stage: 32 ms as two gates)."""
-    pairs_fuse = all(pools and set(pools) <= {"mean", "max"} and len(set(pools)) == len(pools)
-                     for pools in (channel_pools, spatial_pools))
+    residual=residual, relu=relu), `before` as in gate().
+    Both attentions are methods of a module; the channel one returns a scale or (scale, shift), the
+    spatial one a scale. Training on the CPU with a channels_last x and spatial pools from "mean"
+    and "max", the pair runs as one Function that never writes the channel gate's output: three
+    passes over x forward and three back, where two gates make four and four (CBAM's gate step at
+    ResNet-164's first stage: 32 ms as two gates). A batch norm given as `before` is folded into
+    the channel gate there, as gate() folds it."""
+    pairs_fuse = (all(pools and len(set(pools)) == len(pools) for pools in (channel_pools, spatial_pools))
+                  and set(channel_pools) <= set(POOLS) and set(spatial_pools) <= {"mean", "max"})
+    fuses = pairs_fuse and _fusable(x, residual) and x.is_contiguous(memory_format=torch.channels_last)
+    params = {id(p): p for a in (channel_attention, spatial_attention) for p in _trained(a, None)}
+    if before is not None:
+        if fuses and isinstance(before, BatchNorm2d) and before.foldable(x):
+            channel_attention = _AfterNorm(before, channel_attention, channel_pools, x.numel() // x.shape[1])
+            channel_pools = channel_attention.x_pools
+            params.update({id(p): p for p in (before.weight, before.bias)})
+        else:
+            x = before(x)
+            fuses = fuses and x.is_contiguous(memory_format=torch.channels_last)
     _check_residual(x, residual)
-    if pairs_fuse and _fusable(x, residual) and x.is_contiguous(memory_format=torch.channels_last):
-        params = {id(p): p for a in (channel_attention, spatial_attention) for p in _trained(a, None)}
+    if fuses:
         return _FusedChannelSpatialGate.apply(x, tuple(channel_pools), channel_attention, tuple(spatial_pools),
                                               spatial_attention, residual, relu, *params.values())
     return gate(gate(x, channel_pools, channel_attention), spatial_pools, spatial_attention, over="channels",
@@ -319,32 +330,42 @@ def _or_zeros(grad: Tensor | None, count: int, like: Tensor) -> Tensor:
 
 
 class _FusedChannelSpatialGate(torch.autograd.Function):
-    """channel_spatial_gate() when training on the CPU: y = x * a * s with a from x's pools over the
-    pixels and s from the pools over the channels of x * a, which is never written out. Forward:
-    one read pools over the pixels, one pools x * a over the channels, one write gives y.
-    Backward: one read of dy and x gives s's gradient, one gives a's (with the spatial pools'
-    gradients folded in), one write gives dx (with the channel pools' folded in)."""
+    """channel_spatial_gate() when training on the CPU: y = (x * a + b) * s with a (and b, if the
+    channel attention gives a shift) from x's pools over the pixels and s from the pools over the
+    channels of x * a + b, which is never written out. Forward: one read pools over the pixels,
+    one pools x * a + b over the channels, one write gives y. Backward: one read of dy and x gives
+    s's gradient, one gives a's and b's (with the spatial pools' gradients folded in), one write
+    gives dx (with the channel pools' folded in)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, channel_pools: tuple[str, ...], channel_attention: Callable[..., Tensor],
+    def forward(ctx, x: Tensor, channel_pools: tuple[str, ...], channel_attention: Callable[..., Scale],
                 spatial_pools: tuple[str, ...], spatial_attention: Callable[..., Tensor], residual: Tensor | None,
                 relu: bool, *params: Tensor) -> Tensor:
         n, c, h, w = x.shape
         rows = _rows(x, torch.channels_last, "pixels")[0]  # (N, H*W, C)
-        high, at_high, _, _, total, _ = fused.extremes(rows, False, low=False, total=True)
-        channel = _attend(channel_attention, channel_pools, {"mean": (total / (h * w)).float(), "max": high},
-                          (n, c, 1, 1), params)
-        high_c, at_c, total_c = fused.outer_pools(rows, channel[1][0])
+        high, at_high, low, at_low, total, squares = fused.extremes(
+            rows, False, low="min" in channel_pools, total=bool({"mean", "var"} & set(channel_pools)),
+            squares="var" in channel_pools)
+        found = {"max": high, "min": low}
+        if total is not None:
+            mean = total / (h * w)
+            found["mean"] = mean.float()
+        if squares is not None:  # in float64, so E[x^2] - E[x]^2 keeps its digits
+            found["var"] = (squares / (h * w) - mean.square()).clamp_min_(0).float()
+        channel = _attend(channel_attention, channel_pools, found, (n, c, 1, 1), params)
+        a, shift = channel[1][0], channel[1][1] if len(channel[1]) == 2 else None
+        high_c, at_c, total_c = fused.outer_pools(rows, a, shift)
         spatial = _attend(spatial_attention, spatial_pools, {"mean": (total_c / c).float(), "max": high_c},
                           (n, 1, h, w), params)
-        if len(channel[1]) != 1 or len(spatial[1]) != 1:
-            raise ValueError("channel_spatial_gate's attentions return a scale only; for a shift use two gate() calls")
-        ctx.graph, ctx.positions = (channel, spatial), (at_high, at_c)
+        if len(spatial[1]) != 1:
+            raise ValueError("channel_spatial_gate's spatial attention returns a scale only; for a shift use two "
+                             "gate() calls")
+        ctx.graph, ctx.positions, ctx.mean = (channel, spatial), (at_high, at_low, at_c), found.get("mean")
         ctx.pools, ctx.params = (channel_pools, spatial_pools), params
         y = torch.empty_like(x)
         if residual is not None:
             residual = _rows(residual.contiguous(memory_format=torch.channels_last), torch.channels_last, "pixels")[0]
-        fused.outer_scale(rows, channel[1][0], spatial[1][0], _rows(y, torch.channels_last, "pixels")[0],
+        fused.outer_scale(rows, a, spatial[1][0], _rows(y, torch.channels_last, "pixels")[0], shift=shift,
                           residual=residual, relu=relu)
         ctx.save_for_backward(x, y if relu else None)
         return y
@@ -353,21 +374,28 @@ class _FusedChannelSpatialGate(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, out = ctx.saved_tensors
-        (channel_leaves, (a,)), (spatial_leaves, (s,)) = ctx.graph
-        at_high, at_c = ctx.positions
+        (channel_leaves, channel_out), (spatial_leaves, (s,)) = ctx.graph
+        a, shift = channel_out[0], channel_out[1] if len(channel_out) == 2 else None
+        at_high, at_low, at_c = ctx.positions
         n, c, h, w = x.shape
         rows = _rows(x, torch.channels_last, "pixels")[0]
         dz = _past_relu(dy, out).contiguous(memory_format=torch.channels_last)
         dz_rows = _rows(dz, torch.channels_last, "pixels")[0]
-        spatial, spatial_params = _differentiate((s,), (fused.outer_row_dots(dz_rows, rows, a),), spatial_leaves,
+        spatial, spatial_params = _differentiate((s,), (fused.outer_row_dots(dz_rows, rows, a, shift),), spatial_leaves,
                                                  ctx.pools[1], ctx.params)
-        # the gradient of y1 = x * a is dz * s + d_mean / C, plus d_max at each pixel's max channel
+        # the gradient of y1 = x * a + b is dz * s + d_mean / C, plus d_max at each pixel's max channel
         t, row_peak = _or_zeros(spatial.get("mean"), c, s), _or_zeros(spatial.get("max"), 1, s)
-        da = fused.outer_col_sums(dz_rows, rows, s, t, at_c, row_peak)
-        channel, channel_params = _differentiate((a,), (da,), channel_leaves, ctx.pools[0], ctx.params)
-        u, col_peak = _or_zeros(channel.get("mean"), h * w, a), _or_zeros(channel.get("max"), 1, a)
+        da, d_shift = fused.outer_col_sums(dz_rows, rows, s, t, at_c, row_peak, plain=shift is not None)
+        channel, channel_params = _differentiate(channel_out, (da, d_shift), channel_leaves, ctx.pools[0], ctx.params)
+        # dx = dy1 * a + (d_mean - 2 mean d_var) / HW + x * 2 d_var / HW, then the max's and min's
+        # gradients at their pixels
+        d_mean, d_var = channel.get("mean"), channel.get("var")
+        u = _or_zeros(d_mean, h * w, a)
+        if d_var is not None:
+            u = u - ctx.mean.view_as(d_var) * d_var * (2 / (h * w))
+        peaks = [(at, channel[p]) for p, at in (("max", at_high), ("min", at_low)) if channel.get(p) is not None]
         dx = torch.empty_like(dz)
-        fused.outer_scale(dz_rows, a, s, _rows(dx, torch.channels_last, "pixels")[0], t, u, (at_c, row_peak),
-                          (at_high, col_peak))
+        fused.outer_scale(dz_rows, a, s, _rows(dx, torch.channels_last, "pixels")[0], t, u, (at_c, row_peak), peaks,
+                          b=None if d_var is None else rows, b_scale=None if d_var is None else d_var * (2 / (h * w)))
         summed = [g1 if g2 is None else g2 if g1 is None else g1 + g2 for g1, g2 in zip(channel_params, spatial_params)]
         return dx, None, None, None, None, dz if ctx.needs_input_grad[5] else None, None, *summed

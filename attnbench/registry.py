@@ -16,9 +16,10 @@ inside a block) and returns ``out + shortcut``, through a ReLU when ``relu`` is 
 attnbench.residual. The gates built on attnbench.pooling pass both on, and the default norm
 (attnbench.norm.BatchNorm2d) and IEBN apply them in their own pass. Hooks and per-module counts
 then see the add and ReLU in it. A gate whose forward also takes ``before`` is handed the layer
-before it (the block's last norm) as ``forward(x, residual=..., relu=..., before=norm)`` with
-x that norm's input, and applies it first; gate() folds the default norm into the gate's own
-passes when training on the CPU, so that norm's forward (and its hooks) do not run there.
+before it as ``forward(x, residual=..., relu=..., before=layer)`` with x that layer's input,
+and applies it first: the block's last norm in post-activation blocks, its last conv in
+pre-activation ones. gate() and channel_spatial_gate() fold the default norm into the gate's
+own passes when training on the CPU, so that norm's forward (and its hooks) do not run there.
 
 Every factory also receives the module's options (its constructor keywords, for example
 SPE's initial pooling weights), so tuning an initialisation needs no code in the harness.

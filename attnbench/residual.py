@@ -45,8 +45,9 @@ def finish(layers: Sequence[nn.Module], x: Tensor, shortcut: Tensor | None, relu
     """layers applied to x, plus the shortcut (if any), then a ReLU if `relu`: a block's tail, or a
     conv and norm with the ReLU after them. The last layer that is not an nn.Identity (a gate, or a
     norm) adds the shortcut and applies the ReLU itself if its forward takes `residual` and `relu`;
-    if it also takes `before`, it is handed the layer before it (the block's last norm) to apply
-    first, so that a gate can fold that norm into its own passes (attnbench.pooling.gate)."""
+    if it also takes `before`, it is handed the layer before it (the block's last norm, or in a
+    pre-activation block its last conv) to apply first, so that a gate can fold a norm into its
+    own passes (attnbench.pooling.gate)."""
     layers = [layer for layer in layers if not isinstance(layer, nn.Identity)]
     if not layers:  # e.g. a plugin's norm that is an identity, in a block without a gate
         return add(x, shortcut, relu)

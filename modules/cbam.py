@@ -36,9 +36,10 @@ class CBAMGate(nn.Module):
         maps = torch.cat((high, mean), dim=1).contiguous()
         return self.spatial_bn(self.spatial_conv(maps)).sigmoid_()
 
-    def forward(self, x: Tensor, residual: Tensor | None = None, relu: bool = False) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None, relu: bool = False,
+                before: nn.Module | None = None) -> Tensor:
         return channel_spatial_gate(x, ["mean", "max"], self.channel_attention, ["max", "mean"], self.spatial_attention,
-                                    residual=residual, relu=relu)
+                                    residual=residual, relu=relu, before=before)
 
 
 register("cbam", "CBAM: channel gate (avg+max pooling MLP) then 7x7 spatial gate", gate=CBAMGate)

@@ -23,6 +23,18 @@ def mini_cifar_dir() -> Path:
 needs_kernels = pytest.mark.skipif(os.environ.get("ATTNBENCH_KERNELS") == "0", reason="kernels turned off")
 
 
+def assert_trained_alike(got: tuple, want: tuple, *, grads_rel: float, buffers_rtol: float) -> None:
+    """Two training runs' (output, {name: gradient}, {name: buffer}) agree: outputs elementwise,
+    each gradient in relative L2 norm (robust to a ReLU input that rounds to 0 on one side only),
+    each buffer elementwise."""
+    (out, grads, buffers), (out_ref, grads_ref, buffers_ref) = got, want
+    assert torch.allclose(out, out_ref, rtol=1e-4, atol=1e-5)
+    for name, grad in grads.items():
+        assert (grad - grads_ref[name]).norm() <= grads_rel * grads_ref[name].norm(), name
+    for name, value in buffers.items():
+        assert torch.allclose(value.double(), buffers_ref[name].double(), rtol=buffers_rtol, atol=1e-6), name
+
+
 def onednn_weight_grad(x, dy, weight_shape: tuple, stride: int, padding: int):
     """torch's own (oneDNN's) weight gradient of a conv, which kernels.c's conv_weight_grad replaces."""
     weight = torch.zeros(weight_shape).to(memory_format=torch.channels_last)

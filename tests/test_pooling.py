@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from attnbench import fused, pooling
+from attnbench.models import build_model
 from attnbench.norm import BatchNorm2d
 from attnbench.pooling import gate
-from conftest import needs_kernels
+from conftest import assert_trained_alike, needs_kernels
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 pytestmark = pytest.mark.usefixtures("kernels_built_unless_turned_off")
@@ -196,25 +197,51 @@ def test_a_batch_norm_before_a_gate_folds_into_it(pools, shift, case, momentum, 
 
 @needs_kernels
 def test_a_norm_that_cannot_fold_runs_before_the_gate() -> None:
-    """In eval, without an affine map, as a subclass with its own forward, or as another layer (a
-    pre-activation block's conv), `before` is applied to x and the gate takes its output."""
+    """In eval, without an affine map, as a subclass with its own forward, as another layer (a
+    pre-activation block's conv), or before a gate over the channels, `before` is applied to x and
+    the gate takes its output."""
 
     class Shifted(BatchNorm2d):
         def forward(self, x: torch.Tensor, residual=None, relu=False) -> torch.Tensor:
             return super().forward(x) + 1
 
     x = _input("channels_last")
-    layers = {"eval": _batch_norm(5).eval(), "no affine": BatchNorm2d(5, affine=False), "subclass": Shifted(5),
-              "conv": nn.Conv2d(5, 5, 1)}
-    for name, layer in layers.items():
+    cases = {"eval": (_batch_norm(5).eval(), "pixels"), "no affine": (BatchNorm2d(5, affine=False), "pixels"),
+             "subclass": (Shifted(5), "pixels"), "conv": (nn.Conv2d(5, 5, 1), "pixels"),
+             "over channels": (_batch_norm(5), "channels")}
+    for name, (layer, over) in cases.items():
         attentions = []
         with pytest.MonkeyPatch.context() as patch:
             apply = pooling._FusedGate.apply
             patch.setattr(pooling._FusedGate, "apply", lambda *a, apply=apply: attentions.append(a[3]) or apply(*a))
-            y = gate(x, ["mean", "max"], lambda m, h: (m + h).sigmoid(), [], before=layer)
+            y = gate(x, ["mean", "max"], lambda m, h: (m + h).sigmoid(), [], over=over, before=layer)
         assert len(attentions) == 1 and not isinstance(attentions[0], pooling._AfterNorm), name
-        z = layer(x)
-        assert torch.allclose(y, z * (z.mean((2, 3), keepdim=True) + z.amax((2, 3), keepdim=True)).sigmoid()), name
+        z, dims = layer(x), pooling.DIMS[over]
+        assert torch.allclose(y, z * (z.mean(dims, keepdim=True) + z.amax(dims, keepdim=True)).sigmoid()), name
+
+
+@needs_kernels
+@pytest.mark.parametrize("module", ["se", "spe", "cbam"])
+def test_models_train_alike_with_the_norm_folded_or_not(module: str, monkeypatch) -> None:
+    """Two training steps of a whole post-activation model, each block's last norm folded into its
+    gate or run as itself (the C batch norm): outputs, parameter gradients and running statistics."""
+    results = []
+    for fold in (True, False):
+        torch.manual_seed(0)
+        model = build_model(module, 8, 10, arch="resnet", block="basic").to(memory_format=torch.channels_last)
+        folded = []
+        with monkeypatch.context() as patch:
+            foldable = BatchNorm2d.foldable
+            patch.setattr(BatchNorm2d, "foldable", lambda self, x: fold and folded.append(1) is None and foldable(self, x))
+            for step in range(2):
+                model.zero_grad()
+                x = _distinct((4, 3, 32, 32), seed=step).to(memory_format=torch.channels_last)
+                out = model(x)
+                torch.nn.functional.cross_entropy(out, torch.arange(4)).backward()
+        assert bool(folded) == fold
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        results.append((out.detach(), {name: p.grad for name, p in model.named_parameters()}, buffers))
+    assert_trained_alike(*results, grads_rel=1e-4, buffers_rtol=1e-5)
 
 
 @pytest.mark.parametrize("fused_path", [True, False])
@@ -355,7 +382,7 @@ def test_inputs_the_kernels_cannot_take_use_torch_ops() -> None:
         fused.scale_rows(x, True, per_pixel, None, torch.empty_like(x), [(torch.full((1, 3), -1), per_pixel)])
     with pytest.raises(ValueError, match="peak positions"):  # a column peak at pixel 3 of 3
         fused.outer_scale(x, per_channel, per_pixel, torch.empty_like(x), per_pixel, per_channel,
-                          (torch.zeros(1, 3, dtype=torch.long), per_pixel), (torch.full((1, 4), 3), per_channel))
+                          (torch.zeros(1, 3, dtype=torch.long), per_pixel), [(torch.full((1, 4), 3), per_channel)])
 
 
 @pytest.mark.parametrize("over_last", [False, True])
@@ -395,6 +422,7 @@ def test_a_sum_of_squares_keeps_the_variance_of_values_with_a_large_mean(over_la
     result is float64's."""
     g = torch.Generator().manual_seed(0)
     a = 1000 + torch.randn(3, 300, 17, generator=g)
+    a[:, 0] += 300  # a first row far out, as a zero-padded conv's corner pixel can be
     dim = 2 if over_last else 1
     count = a.shape[dim]
     for total, squares in (fused.sums(a, a, over_last), fused.extremes(a, over_last, low=False, total=True,
@@ -449,27 +477,29 @@ class TwoGates(nn.Module):
     """A channel gate then a spatial gate, each a small function of its pools with parameters of
     this module, as CBAM's are (the spatial one with a 3x3 conv over the pooled maps)."""
 
-    def __init__(self, channels: int, channel_pools: list[str], spatial_pools: list[str]):
+    def __init__(self, channels: int, channel_pools: list[str], spatial_pools: list[str], shift: bool = False):
         super().__init__()
         g = torch.Generator().manual_seed(3)
         self.channel_weights = nn.Parameter(torch.randn(len(channel_pools), channels, 1, 1, generator=g))
         self.spatial_conv = nn.Parameter(torch.randn(1, len(spatial_pools), 3, 3, generator=g) / 3)
-        self.channel_pools, self.spatial_pools = channel_pools, spatial_pools
+        self.channel_pools, self.spatial_pools, self.shift = channel_pools, spatial_pools, shift
 
-    def channel_attention(self, *pooled: torch.Tensor) -> torch.Tensor:
-        return sum(w * p for w, p in zip(self.channel_weights, pooled)).sigmoid()
+    def channel_attention(self, *pooled: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        z = sum(w * p for w, p in zip(self.channel_weights, pooled))
+        return (z.sigmoid(), z.tanh()) if self.shift else z.sigmoid()
 
     def spatial_attention(self, *pooled: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.conv2d(torch.cat(pooled, 1), self.spatial_conv, padding=1).sigmoid()
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = False,
+                before: nn.Module | None = None) -> torch.Tensor:
         return pooling.channel_spatial_gate(x, self.channel_pools, self.channel_attention, self.spatial_pools,
-                                            self.spatial_attention, residual=residual, relu=relu)
+                                            self.spatial_attention, residual=residual, relu=relu, before=before)
 
 
 def _run_two_gates(x: torch.Tensor, channel_pools: list[str], spatial_pools: list[str], fused_path: bool, monkeypatch,
-                   tail: str = "none") -> tuple:
-    module = TwoGates(x.shape[1], channel_pools, spatial_pools)
+                   tail: str = "none", shift: bool = False) -> tuple:
+    module = TwoGates(x.shape[1], channel_pools, spatial_pools, shift)
     residual = None if tail == "none" else _residual(x)
     with monkeypatch.context() as patch:
         if not fused_path:
@@ -481,18 +511,20 @@ def _run_two_gates(x: torch.Tensor, channel_pools: list[str], spatial_pools: lis
 
 
 @needs_kernels
-@pytest.mark.parametrize("channel_pools, spatial_pools", [(["mean", "max"], ["max", "mean"]), (["max"], ["mean"]),
-                                                          (["mean"], ["max"])], ids=str)
+@pytest.mark.parametrize("channel_pools, spatial_pools, shift", [
+    (["mean", "max"], ["max", "mean"], False), (["max"], ["mean"], False), (["mean"], ["max"], False),
+    (["var", "min", "mean"], ["max", "mean"], True), (["min", "max"], ["max"], True)], ids=str)
 @pytest.mark.parametrize("case", ["channels_last", "batch-1", "one-pixel", "20-channels"])
 @pytest.mark.parametrize("tail", ["none", "add", "add+relu"])
-def test_fused_channel_then_spatial_gate_matches_two_gates(channel_pools, spatial_pools, case, tail, monkeypatch) -> None:
+def test_fused_channel_then_spatial_gate_matches_two_gates(channel_pools, spatial_pools, shift, case, tail,
+                                                           monkeypatch) -> None:
     """One Function that never writes the channel gate's output, against the two gates as torch ops
     (20 channels: the kernels' eight-lane loops and their tails), with a block's residual add and
-    ReLU or without."""
+    ReLU or without, and channel gates of every pool, with a shift or without."""
     x = _distinct((2, 20, 5, 6)).to(memory_format=torch.channels_last) if case == "20-channels" else _input(case)
-    y, dx, dparams = _run_two_gates(x, channel_pools, spatial_pools, True, monkeypatch, tail)
+    y, dx, dparams = _run_two_gates(x, channel_pools, spatial_pools, True, monkeypatch, tail, shift)
     assert type(y.grad_fn).__name__ == "_FusedChannelSpatialGateBackward"
-    y_ref, dx_ref, dparams_ref = _run_two_gates(x, channel_pools, spatial_pools, False, monkeypatch, tail)
+    y_ref, dx_ref, dparams_ref = _run_two_gates(x, channel_pools, spatial_pools, False, monkeypatch, tail, shift)
     if tail == "add+relu":
         assert (y == 0).any() and (y > 0).any(), "the ReLU must cut some values and keep others"
     assert torch.allclose(y, y_ref, atol=1e-5)
@@ -502,11 +534,12 @@ def test_fused_channel_then_spatial_gate_matches_two_gates(channel_pools, spatia
 
 
 @needs_kernels
-@pytest.mark.parametrize("case, pools", [("nchw", ["mean", "max"]), ("channels_last", ["mean", "var"])])
-def test_channel_then_spatial_gate_is_two_gates_where_the_pair_does_not_fuse(case: str, pools: list[str], monkeypatch) -> None:
-    y, dx, _ = _run_two_gates(_input(case), pools, ["max"], True, monkeypatch)
+@pytest.mark.parametrize("case, spatial_pools", [("nchw", ["max"]), ("channels_last", ["min"])])
+def test_channel_then_spatial_gate_is_two_gates_where_the_pair_does_not_fuse(case: str, spatial_pools: list[str],
+                                                                             monkeypatch) -> None:
+    y, dx, _ = _run_two_gates(_input(case), ["mean", "max"], spatial_pools, True, monkeypatch)
     assert type(y.grad_fn).__name__ == "_FusedGateBackward"  # the spatial gate's own fused Function
-    y_ref, dx_ref, _ = _run_two_gates(_input(case), pools, ["max"], False, monkeypatch)
+    y_ref, dx_ref, _ = _run_two_gates(_input(case), ["mean", "max"], spatial_pools, False, monkeypatch)
     assert torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(dx, dx_ref, atol=1e-4)
 
 
@@ -520,3 +553,31 @@ class ShiftingTwoGates(TwoGates):
 def test_fused_channel_then_spatial_gate_refuses_a_shift() -> None:
     with pytest.raises(ValueError, match="scale only"):
         ShiftingTwoGates(5, ["mean"], ["max"])(_input("channels_last"))
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", ["channels_last", "batch-1", "20-channels"])
+def test_a_batch_norm_before_the_channel_then_spatial_gate_folds_into_it(case: str) -> None:
+    """channel_spatial_gate(x, before=bn) against the pair after bn(x): output, gradients of x, the
+    gates' and the norm's parameters and the residual, and the running statistics."""
+    x = _distinct((2, 20, 5, 6)).to(memory_format=torch.channels_last) if case == "20-channels" else _input(case)
+    bn = _batch_norm(x.shape[1])
+    results = []
+    for fold in (True, False):
+        module, norm, residual = TwoGates(x.shape[1], ["mean", "max"], ["max", "mean"]), copy.deepcopy(bn), _residual(x)
+        norm_ran = []
+        norm.register_forward_hook(lambda *_: norm_ran.append(True))
+        x_in = x.detach().requires_grad_()
+        y = module(x_in, residual, True, before=norm) if fold else module(norm(x_in), residual, True)
+        assert type(y.grad_fn).__name__ == "_FusedChannelSpatialGateBackward" and bool(norm_ran) != fold
+        y.backward(_distinct(tuple(y.shape), seed=2))
+        grads = [p.grad for p in (*module.parameters(), *norm.parameters(), residual)]
+        results.append((y.detach(), x_in.grad, grads, norm.state_dict()))
+    (y, dx, grads, state), (y_ref, dx_ref, grads_ref, state_ref) = results
+    assert (y == 0).any() and (y > 0).any()
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    assert torch.allclose(dx, dx_ref, rtol=1e-4, atol=1e-4)
+    for got, want in zip(grads, grads_ref, strict=True):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+    for name, value in state.items():
+        assert torch.allclose(value, state_ref[name], rtol=1e-5, atol=1e-6), name
