@@ -61,9 +61,9 @@ def gate(x: Tensor, pools: Sequence[str], attention: Callable[..., Scale], param
     whose parameters are then the ones it trains; any other callable gives them as `params`.
     A block's tail comes with it: plus `residual` (x's shape, if given), then a ReLU if `relu`,
     written in the same pass as the product (see attnbench.residual). `before` is a layer to
-    apply to x first (the block's last norm): where it is the default batch norm in training and
-    the gate over the pixels runs fused, it is folded in (see _AfterNorm), and x is read and
-    written as if the gate had no norm before it."""
+    apply to x first (the block's last norm, or a pre-activation block's conv): where it is the
+    default batch norm in training and the gate over the pixels runs fused, it is folded in (see
+    _AfterNorm), and x is read and written as if the gate had no norm before it."""
     if over not in DIMS or not set(pools) <= set(POOLS) or len(set(pools)) != len(pools):
         raise ValueError(f"gate over {over!r} with pools {pools!r}: use over pixels or channels, each pool once from {POOLS}")
     params = _trained(attention, params)  # on every path, so that a bad call fails alike everywhere
