@@ -9,8 +9,9 @@ the CIFAR ResNets' 3x3 convs in 1.2-1.4x the time kernels.c takes, and a conv wi
 channels (CBAM's 7x7 from 2 maps to 1) in 2.8x. A batch norm with the ReLU after it is two
 passes each way in C against torch's separate norm and ReLU (attnbench/norm.py). The file is
 plain C (no torch headers), so it builds with the system C compiler in well under a second, and
-the library goes to the user's cache under a name that hashes the source, the compiler and its flags. Without a C
-compiler, or off the CPU, callers use torch ops instead (library() returns None and warns once).
+the library goes to the user's cache under a name that hashes the source, the compiler and its
+flags. Without a C compiler, or off the CPU, callers use torch ops instead (library() returns
+None and warns once).
 """
 
 from __future__ import annotations
@@ -228,7 +229,7 @@ def _checked(status: int) -> None:
 
 
 # A channel gate then a spatial gate (CBAM) over a channels_last x read as (n, m pixels, k
-# channels): y = x * a * s, a one value per (n, k), s one per (n, m); see kernels.c.
+# channels): y = (x * a + b) * s, a and b one value per (n, k), s one per (n, m); see kernels.c.
 
 def outer_pools(x: Tensor, a: Tensor, b: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Per pixel, over the channels of x * a + b (b may be None) in one read: (max, its first

@@ -67,14 +67,13 @@ def gate(x: Tensor, pools: Sequence[str], attention: Callable[..., Scale], param
     if over not in DIMS or not set(pools) <= set(POOLS) or len(set(pools)) != len(pools):
         raise ValueError(f"gate over {over!r} with pools {pools!r}: use over pixels or channels, each pool once from {POOLS}")
     params = _trained(attention, params)  # on every path, so that a bad call fails alike everywhere
-    if before is not None:
-        if over == "pixels" and isinstance(before, BatchNorm2d) and before.foldable(x) and _fusable(x, residual):
-            attention = _AfterNorm(before, attention, pools, x.numel() // x.shape[1])
-            pools, params = attention.x_pools, (*params, before.weight, before.bias)
-        else:
-            x = before(x)
+    folded = _fold(before, x, attention, pools) if over == "pixels" and _fusable(x, residual) else None
+    if folded is not None:
+        attention, pools, params = folded, folded.x_pools, (*params, *folded.norm_params)
+    elif before is not None:
+        x = before(x)
     _check_residual(x, residual)
-    if _fusable(x, residual):
+    if folded is not None or _fusable(x, residual):
         return _FusedGate.apply(x, tuple(pools), over, attention, residual, relu, *params)
     scale = attention(*(_pool(x, p, DIMS[over]) for p in pools))
     _check_shape(scale, _pooled_shape(x, over))
@@ -97,18 +96,19 @@ def channel_spatial_gate(x: Tensor, channel_pools: Sequence[str], channel_attent
     the channel gate there, as gate() folds it."""
     pairs_fuse = (all(pools and len(set(pools)) == len(pools) for pools in (channel_pools, spatial_pools))
                   and set(channel_pools) <= set(POOLS) and set(spatial_pools) <= {"mean", "max"})
-    fuses = pairs_fuse and _fusable(x, residual) and x.is_contiguous(memory_format=torch.channels_last)
+
+    def fuses(x: Tensor) -> bool:
+        return pairs_fuse and _fusable(x, residual) and x.is_contiguous(memory_format=torch.channels_last)
+
     params = {id(p): p for a in (channel_attention, spatial_attention) for p in _trained(a, None)}
-    if before is not None:
-        if fuses and isinstance(before, BatchNorm2d) and before.foldable(x):
-            channel_attention = _AfterNorm(before, channel_attention, channel_pools, x.numel() // x.shape[1])
-            channel_pools = channel_attention.x_pools
-            params.update({id(p): p for p in (before.weight, before.bias)})
-        else:
-            x = before(x)
-            fuses = fuses and x.is_contiguous(memory_format=torch.channels_last)
+    folded = _fold(before, x, channel_attention, channel_pools) if fuses(x) else None
+    if folded is not None:
+        channel_attention, channel_pools = folded, folded.x_pools
+        params.update({id(p): p for p in folded.norm_params})
+    elif before is not None:
+        x = before(x)
     _check_residual(x, residual)
-    if fuses:
+    if folded is not None or fuses(x):
         return _FusedChannelSpatialGate.apply(x, tuple(channel_pools), channel_attention, tuple(spatial_pools),
                                               spatial_attention, residual, relu, *params.values())
     return gate(gate(x, channel_pools, channel_attention), spatial_pools, spatial_attention, over="channels",
@@ -125,6 +125,7 @@ class _AfterNorm:
     def __init__(self, norm: BatchNorm2d, attention: Callable[..., Scale], pools: Sequence[str], per_channel: int):
         self.norm, self.attention, self.pools, self.per_channel = norm, attention, pools, per_channel
         self.x_pools = ("mean", "var", "max", "min") if {"max", "min"} & set(pools) else ("mean", "var")
+        self.norm_params = (norm.weight, norm.bias)
 
     def __call__(self, mean: Tensor, var: Tensor, high: Tensor | None = None, low: Tensor | None = None) -> Scale:
         norm = self.norm
@@ -136,6 +137,15 @@ class _AfterNorm:
                 "min": lambda: torch.where(a >= 0, a * low, a * high) + b}
         scale = _as_tuple(self.attention(*(of_y[p]() for p in self.pools)))
         return a * scale[0], b * scale[0] + scale[1] if len(scale) == 2 else b * scale[0]
+
+
+def _fold(before: nn.Module | None, x: Tensor, attention: Callable[..., Scale],
+          pools: Sequence[str]) -> _AfterNorm | None:
+    """The attention with `before` folded in, where it is the default batch norm that may be
+    (BatchNorm2d.foldable), for a gate that runs fused; else None, and `before` runs itself."""
+    if isinstance(before, BatchNorm2d) and before.foldable(x):
+        return _AfterNorm(before, attention, pools, x.numel() // x.shape[1])
+    return None
 
 
 def _method_of(attention: Callable) -> tuple[nn.Module, Callable] | None:
@@ -260,6 +270,38 @@ def _differentiate(outputs: tuple[Tensor, ...], grads: Sequence[Tensor | None], 
     return dict(zip(pools, found[:len(leaves)])), [next(param_grads) if p.requires_grad else None for p in params]
 
 
+def _read_pools(rows: Tensor, over_last: bool, pools: Sequence[str]) -> tuple[dict[str, Tensor | None], dict]:
+    """pools of x over the middle (or last) dim of its (n, m, k) rows, in one read (extremes()
+    brings the sums for a mean and a variance along, else sums() reads them): the pooled values
+    by name, in float32, and the max's and min's positions."""
+    count = rows.shape[2] if over_last else rows.shape[1]
+    found, positions, total, squares = {}, {}, None, None
+    if "max" in pools or "min" in pools:
+        found["max"], positions["max"], found["min"], positions["min"], total, squares = fused.extremes(
+            rows, over_last, low="min" in pools, total="mean" in pools or "var" in pools, squares="var" in pools)
+    elif "mean" in pools or "var" in pools:
+        total, squares = fused.sums(rows, rows if "var" in pools else None, over_last)
+    if total is not None:
+        mean = total / count
+        found["mean"] = mean.float()
+    if squares is not None:  # in float64, so E[x^2] - E[x]^2 keeps its digits
+        found["var"] = (squares / count - mean.square()).clamp_min_(0).float()
+    return found, positions
+
+
+def _pool_grads(by_pool: dict[str, Tensor | None], positions: dict, mean: Tensor | None,
+                count: int) -> tuple[Tensor | None, Tensor | None, list[tuple[Tensor, Tensor]]]:
+    """What the pools' gradients add to x's, per row of _read_pools: a shift (d_mean - 2 mean
+    d_var) / count and a factor on x, 2 d_var / count (each None where no pool needs it), and
+    (positions, gradient) of the max and the min, one element per row each."""
+    d_mean, d_var = by_pool.get("mean"), by_pool.get("var")
+    shift, x_factor = (None if d_mean is None else d_mean / count), None
+    if d_var is not None:
+        x_factor = d_var * (2 / count)
+        shift = (0 if shift is None else shift) - mean.view_as(d_var) * x_factor
+    return shift, x_factor, [(positions[p], by_pool[p]) for p in ("max", "min") if by_pool.get(p) is not None]
+
+
 class _FusedGate(torch.autograd.Function):
     """gate() when training on the CPU: one read for the pooling, one write for the output;
     backward one read of dy and x for the scale's (and shift's) gradient, one write of dx (which
@@ -271,23 +313,10 @@ class _FusedGate(torch.autograd.Function):
         layout = _layout(x)
         x = x.contiguous(memory_format=layout)
         rows, over_last = _rows(x, layout, over)
-        count = rows.shape[2] if over_last else rows.shape[1]
-        found, total, squares = {}, None, None
-        # The extremes bring the sums for a mean and a variance in the same read.
-        if "max" in pools or "min" in pools:
-            found["max"], at_high, found["min"], at_low, total, squares = fused.extremes(
-                rows, over_last, low="min" in pools, total="mean" in pools or "var" in pools, squares="var" in pools)
-            ctx.positions = {"max": at_high, "min": at_low}
-        elif "var" in pools or "mean" in pools:
-            total, squares = fused.sums(rows, rows if "var" in pools else None, over_last)
-        if total is not None:
-            mean = total / count
-            found["mean"] = mean.float()
-        if squares is not None:  # in float64, so E[x^2] - E[x]^2 keeps its digits
-            found["var"] = (squares / count - mean.square()).clamp_min_(0).float()
-            ctx.mean = found["mean"]
+        found, ctx.positions = _read_pools(rows, over_last, pools)
         leaves, outputs = _attend(attention, pools, found, _pooled_shape(x, over), params)
-        ctx.pools, ctx.over, ctx.layout, ctx.count, ctx.params = pools, over, layout, count, params
+        ctx.pools, ctx.over, ctx.layout, ctx.params = pools, over, layout, params
+        ctx.count, ctx.mean = rows.shape[2] if over_last else rows.shape[1], found.get("mean")
         ctx.graph = leaves, outputs  # kept with the node, so a retained graph can run backward again
         y = torch.empty_like(x)
         residual = None if residual is None else _rows(residual.contiguous(memory_format=layout), layout, over)[0]
@@ -311,16 +340,10 @@ class _FusedGate(torch.autograd.Function):
                                       masked=None if out is None else dz_rows)
         by_pool, param_grads = _differentiate(outputs, (d_scale, d_shift), leaves, ctx.pools, ctx.params)
 
-        # dx = dz * scale + (d_mean - 2 mean d_var) / count + x * 2 d_var / count, then the max's
-        # and min's gradients at their positions
-        d_mean, d_var = by_pool.get("mean"), by_pool.get("var")
-        shift = None if d_mean is None else d_mean / ctx.count
-        if d_var is not None:
-            shift = (0 if shift is None else shift) - ctx.mean.view_as(d_var) * d_var * (2 / ctx.count)
-        peaks = [(ctx.positions[p], by_pool[p]) for p in ("max", "min") if by_pool.get(p) is not None]
+        shift, x_factor, peaks = _pool_grads(by_pool, ctx.positions, ctx.mean, ctx.count)
         dx = torch.empty_like(dz)
         fused.scale_rows(dz_rows, over_last, outputs[0], shift, _rows(dx, ctx.layout, ctx.over)[0], peaks,
-                         b=None if d_var is None else rows, b_scale=None if d_var is None else d_var * (2 / ctx.count))
+                         b=None if x_factor is None else rows, b_scale=x_factor)
         return dx, None, None, None, dz if ctx.needs_input_grad[4] else None, None, *param_grads
 
 
@@ -344,15 +367,7 @@ class _FusedChannelSpatialGate(torch.autograd.Function):
                 relu: bool, *params: Tensor) -> Tensor:
         n, c, h, w = x.shape
         rows = _rows(x, torch.channels_last, "pixels")[0]  # (N, H*W, C)
-        high, at_high, low, at_low, total, squares = fused.extremes(
-            rows, False, low="min" in channel_pools, total=bool({"mean", "var"} & set(channel_pools)),
-            squares="var" in channel_pools)
-        found = {"max": high, "min": low}
-        if total is not None:
-            mean = total / (h * w)
-            found["mean"] = mean.float()
-        if squares is not None:  # in float64, so E[x^2] - E[x]^2 keeps its digits
-            found["var"] = (squares / (h * w) - mean.square()).clamp_min_(0).float()
+        found, positions = _read_pools(rows, False, channel_pools)
         channel = _attend(channel_attention, channel_pools, found, (n, c, 1, 1), params)
         a, shift = channel[1][0], channel[1][1] if len(channel[1]) == 2 else None
         high_c, at_c, total_c = fused.outer_pools(rows, a, shift)
@@ -361,7 +376,7 @@ class _FusedChannelSpatialGate(torch.autograd.Function):
         if len(spatial[1]) != 1:
             raise ValueError("channel_spatial_gate's spatial attention returns a scale only; for a shift use two "
                              "gate() calls")
-        ctx.graph, ctx.positions, ctx.mean = (channel, spatial), (at_high, at_low, at_c), found.get("mean")
+        ctx.graph, ctx.positions, ctx.mean = (channel, spatial), (positions, at_c), found.get("mean")
         ctx.pools, ctx.params = (channel_pools, spatial_pools), params
         y = torch.empty_like(x)
         if residual is not None:
@@ -377,7 +392,7 @@ class _FusedChannelSpatialGate(torch.autograd.Function):
         x, out = ctx.saved_tensors
         (channel_leaves, channel_out), (spatial_leaves, (s,)) = ctx.graph
         a, shift = channel_out[0], channel_out[1] if len(channel_out) == 2 else None
-        at_high, at_low, at_c = ctx.positions
+        positions, at_c = ctx.positions
         n, c, h, w = x.shape
         rows = _rows(x, torch.channels_last, "pixels")[0]
         dz = _past_relu(dy, out).contiguous(memory_format=torch.channels_last)
@@ -388,15 +403,10 @@ class _FusedChannelSpatialGate(torch.autograd.Function):
         t, row_peak = _or_zeros(spatial.get("mean"), c, s), _or_zeros(spatial.get("max"), 1, s)
         da, d_shift = fused.outer_col_sums(dz_rows, rows, s, t, at_c, row_peak, plain=shift is not None)
         channel, channel_params = _differentiate(channel_out, (da, d_shift), channel_leaves, ctx.pools[0], ctx.params)
-        # dx = dy1 * a + (d_mean - 2 mean d_var) / HW + x * 2 d_var / HW, then the max's and min's
-        # gradients at their pixels
-        d_mean, d_var = channel.get("mean"), channel.get("var")
-        u = _or_zeros(d_mean, h * w, a)
-        if d_var is not None:
-            u = u - ctx.mean.view_as(d_var) * d_var * (2 / (h * w))
-        peaks = [(at, channel[p]) for p, at in (("max", at_high), ("min", at_low)) if channel.get(p) is not None]
+        u, x_factor, peaks = _pool_grads(channel, positions, ctx.mean, h * w)
         dx = torch.empty_like(dz)
-        fused.outer_scale(dz_rows, a, s, _rows(dx, torch.channels_last, "pixels")[0], t, u, (at_c, row_peak), peaks,
-                          b=None if d_var is None else rows, b_scale=None if d_var is None else d_var * (2 / (h * w)))
+        fused.outer_scale(dz_rows, a, s, _rows(dx, torch.channels_last, "pixels")[0], t,
+                          torch.zeros_like(a) if u is None else u, (at_c, row_peak), peaks,
+                          b=None if x_factor is None else rows, b_scale=x_factor)
         summed = [g1 if g2 is None else g2 if g1 is None else g1 + g2 for g1, g2 in zip(channel_params, spatial_params)]
         return dx, None, None, None, None, dz if ctx.needs_input_grad[5] else None, None, *summed
