@@ -85,9 +85,9 @@ def library() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(path))
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.sums.argtypes = [p, p, i64, i64, i64, i32, p, p, p, p, i32]
+        lib.sums.argtypes = [p, p, i64, i64, i64, i32, p, p, p, p, p, p, i32]
         lib.extremes.argtypes = [p, i64, i64, i64, i32, p, p, p, p, p, p, i32]
-        lib.scale_rows.argtypes = [p, i64, i64, i64, i32, p, p, p, p, p, i32, i32, p, p, p, i32]
+        lib.scale_rows.argtypes = [p, i64, i64, i64, i32, p, p, p, p, p, p, p, i32, i32, p, p, p, i32]
         lib.conv_weight_grad.argtypes = [p, p, p, *[i64] * 10, i32]
         lib.conv_same.argtypes = lib.conv_same_weight_grad.argtypes = [p, p, p, *[i64] * 6, i32]
         lib.outer_pools.argtypes = [p, p, p, i64, i64, i64, p, p, p, i32]
@@ -97,6 +97,8 @@ def library() -> ctypes.CDLL | None:
         f64 = ctypes.c_double
         lib.norm_forward.argtypes = [p, p, p, f64, p, p, f64, p, i32, i64, i64, p, p, p, i32]
         lib.norm_backward.argtypes = [p, p, p, p, p, p, p, i32, i64, i64, p, p, p, p, i32]
+        lib.ie_norm_forward.argtypes = [p, p, i64, i64, i64, p, p, p, p, f64, p, p, f64, p, p, p, p, p, p]
+        lib.ie_norm_backward.argtypes = [p, p, i64, i64, i64, *[p] * 12]
     except (OSError, AttributeError) as exc:
         return _fall_back(f"cannot load {path} ({exc}); delete it to rebuild")
     return lib
@@ -156,19 +158,33 @@ def _kept_shape(a: Tensor, over_last: bool, *alike: Tensor | None) -> tuple[int,
 
 
 def sums(a: Tensor, b: Tensor | None, over_last: bool, *, plain: bool = True, relu_out: Tensor | None = None,
-         masked: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+         masked: Tensor | None = None,
+         relu_of_b: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor | None, Tensor | None]:
     """Over the middle (or last) dim of contiguous float32 (n, m, k) tensors, as float64 and in
     one read: the sum of a (if `plain`) and the sum of a * b (if b is given). With relu_out (a
     ReLU's output) and masked, a is first taken through that ReLU's backward (zero where
-    relu_out <= 0), written to masked, and summed as such."""
+    relu_out <= 0), written to masked, and summed as such. Over the middle dim, relu_of_b =
+    (scale, shift), per (n, k), instead gives that ReLU's input as b * scale + shift (as
+    scale_rows() wrote it), and the masked a is not written out."""
     n, m, k, out = _kept_shape(a, over_last, b, relu_out, masked)
     if (relu_out is None) != (masked is None):
         raise ValueError("sums takes relu_out and masked together")
+    relu_scale, relu_shift = _relu_of(relu_of_b, b, over_last, out, relu_out)
     sum_a = torch.empty(out, dtype=torch.float64) if plain else None
     sum_ab = torch.empty(out, dtype=torch.float64) if b is not None else None
-    _library().sums(a.data_ptr(), _ptr(b), n, m, k, over_last, _ptr(relu_out), _ptr(masked), _ptr(sum_a),
-                    _ptr(sum_ab), torch.get_num_threads())
+    _library().sums(a.data_ptr(), _ptr(b), n, m, k, over_last, _ptr(relu_out), _ptr(masked), _ptr(relu_scale),
+                    _ptr(relu_shift), _ptr(sum_a), _ptr(sum_ab), torch.get_num_threads())
     return sum_a, sum_ab
+
+
+def _relu_of(relu_of_b: tuple[Tensor, Tensor] | None, b: Tensor | None, over_last: bool, kept: list[int],
+             relu_out: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """A ReLU's input given as b * scale + shift, per (n, k) over the middle dim, as the C code reads it."""
+    if relu_of_b is None:
+        return None, None
+    if b is None or over_last or relu_out is not None:
+        raise ValueError("a ReLU recomputed from b needs b, the middle dim, and no relu_out")
+    return _per(relu_of_b[0], kept), _per(relu_of_b[1], kept)
 
 
 def extremes(a: Tensor, over_last: bool, *, low: bool, total: bool = False,
@@ -188,26 +204,29 @@ def extremes(a: Tensor, over_last: bool, *, low: bool, total: bool = False,
 
 def scale_rows(a: Tensor, over_last: bool, scale: Tensor, shift: Tensor | None, out: Tensor,
                peaks: Sequence[tuple[Tensor, Tensor]] = (), b: Tensor | None = None,
-               b_scale: Tensor | None = None, residual: Tensor | None = None, relu: bool = False) -> None:
+               b_scale: Tensor | None = None, residual: Tensor | None = None, relu: bool = False,
+               relu_of_b: tuple[Tensor, Tensor] | None = None) -> None:
     """out = a * scale + b * b_scale + shift (+ residual, then a ReLU if `relu`) for contiguous
     float32 (n, m, k) tensors a, b, residual and out, with scale, b_scale and shift holding one
     value per (n, k) (broadcast over the middle dim) or per (n, m) (over the last); then for each
     (positions, values) of `peaks`, laid out like scale (the positions from extremes()), values[r]
     is added at index positions[r] of the broadcast dim. The residual and ReLU are a block's, for
-    a gate's output; the peaks are a gradient's, so the two do not go together."""
+    a gate's output; the peaks are a gradient's, so the two do not go together. Over the middle
+    dim, relu_of_b = (scale, shift) first masks a by the ReLU whose input was b * scale + shift."""
     n, m, k, kept = _kept_shape(a, over_last, out, b, residual)
     if (b is None) != (b_scale is None):
         raise ValueError("scale_rows takes b and b_scale together")
     if peaks and (residual is not None or relu):
         raise ValueError("scale_rows takes peaks (a gradient's) or a residual and ReLU (an output's), not both")
+    relu_scale, relu_shift = _relu_of(relu_of_b, b, over_last, kept)
     scale, b_scale = _per(scale, kept), _per(b_scale, kept)
     shift = torch.zeros(kept) if shift is None else _per(shift, kept)
     peaks = [(_positions(at, kept), _per(v, kept)) for at, v in peaks]
     at = (ctypes.c_void_p * len(peaks))(*(p.data_ptr() for p, _ in peaks))
     add = (ctypes.c_void_p * len(peaks))(*(v.data_ptr() for _, v in peaks))
     _checked(_library().scale_rows(a.data_ptr(), n, m, k, over_last, scale.data_ptr(), shift.data_ptr(), _ptr(b),
-                                   _ptr(b_scale), _ptr(residual), relu, len(peaks), at, add, out.data_ptr(),
-                                   torch.get_num_threads()))
+                                   _ptr(b_scale), _ptr(relu_scale), _ptr(relu_shift), _ptr(residual), relu, len(peaks),
+                                   at, add, out.data_ptr(), torch.get_num_threads()))
 
 
 def _per(t: Tensor | None, shape: list[int]) -> Tensor | None:
@@ -353,6 +372,58 @@ def norm_backward(x: Tensor, grad: Tensor, mean: Tensor, invstd: Tensor, weight:
                                 d_weight.data_ptr(), d_bias.data_ptr(), torch.get_num_threads()):
         raise MemoryError("norm_backward: out of memory for its sums")
     return dx, d_weight, d_bias, masked
+
+
+# Instance-enhanced batch norm's per-channel math (modules/iebn.py); see kernels.c.
+
+def _per_image(n: int, c: int, *tensors: Tensor) -> None:
+    """The IEBN kernels index (n, c) float64 sums directly: anything else is refused."""
+    for t in tensors:
+        if t.dtype != torch.float64 or t.shape != (n, c) or not t.is_contiguous():
+            raise ValueError(f"the IEBN kernels take float64 sums of shape {(n, c)}, got {t.dtype} {tuple(t.shape)}")
+
+
+def ie_norm_forward(sum_x: Tensor, sum_xx: Tensor, pixels: int, params: Sequence[Tensor], eps: float,
+                    running: tuple[Tensor, Tensor] | None, factor: float) -> tuple[Tensor, ...]:
+    """From the per-image float64 sums of x and x * x over `pixels` pixels, shape (N, C), and
+    params = (gamma, beta, gate_weight, gate_bias), C values each: IEBN's (scale, shift), each
+    (N, C), and what its backward needs, (mean, gate, batch_mean, invstd); the running (mean,
+    variance), if given, moved in place by `factor`."""
+    n, c = sum_x.shape
+    _per_image(n, c, sum_x, sum_xx)
+    params = [_per(t, [c]) for t in params]
+    running = running if running is not None else (None, None)
+    if any(t is not None and (t.dtype != torch.float32 or t.shape != (c,) or not t.is_contiguous()) for t in running):
+        raise ValueError(f"the IEBN kernels take both running statistics as {c} contiguous float32 values, or neither")
+    if pixels < 1 or n * pixels < 2:
+        raise ValueError(f"IEBN needs more than 1 value per channel, got {n} images of {pixels} pixels")
+    scale, shift, mean, gate = (torch.empty(n, c) for _ in range(4))
+    batch_mean, invstd = torch.empty(c), torch.empty(c)
+    if _library().ie_norm_forward(sum_x.data_ptr(), sum_xx.data_ptr(), n, c, pixels, *(t.data_ptr() for t in params),
+                                  eps, *(_ptr(t) for t in running), factor,
+                                  *(t.data_ptr() for t in (scale, shift, mean, gate, batch_mean, invstd))):
+        raise MemoryError("ie_norm_forward: out of memory for its sums")
+    return scale, shift, mean, gate, batch_mean, invstd
+
+
+def ie_norm_backward(d_scale: Tensor, d_shift: Tensor, pixels: int, kept: Sequence[Tensor],
+                     params: Sequence[Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """ie_norm_forward's backward, from the per-image float64 sums of dz * x and of dz (dz the
+    gradient at its output), kept = (mean, gate, batch_mean, invstd) from the forward and params
+    as there: (dx_x, dx_shift, the params' gradients), dx = dz * scale + x * dx_x + dx_shift."""
+    n, c = d_scale.shape
+    _per_image(n, c, d_scale, d_shift)
+    mean, gate, batch_mean, invstd = kept
+    if mean.shape != (n, c) or gate.shape != (n, c) or batch_mean.shape != (c,) or invstd.shape != (c,):
+        raise ValueError("ie_norm_backward takes what ie_norm_forward kept, for sums of the same shape")
+    gamma, gate_weight = _per(params[0], [c]), _per(params[2], [c])
+    dx_x, dx_shift = torch.empty(n, c), torch.empty(n, c)
+    grads = [torch.empty(c) for _ in range(4)]
+    operands = (mean, gate, batch_mean, invstd, gamma, gate_weight, dx_shift, dx_x, *grads)
+    if _library().ie_norm_backward(d_scale.data_ptr(), d_shift.data_ptr(), n, c, pixels,
+                                   *(t.data_ptr() for t in operands)):
+        raise MemoryError("ie_norm_backward: out of memory for its sums")
+    return dx_x, dx_shift, [g.view_as(p) for g, p in zip(grads, params)]
 
 
 def _dense(layout: torch.memory_format, *tensors: Tensor) -> None:

@@ -45,64 +45,80 @@ static inline float relu_grad(float g, float v) {
 }
 
 /* Running sums per column over one image's rows (the middle dim), in float lanes added into
-   double every SUMS_CHUNK rows: accumulating every element in double made the pass compute-bound
-   (13-19 GB/s against torch's 30-50 for a plain sum). For a sum of squares (squares: a variance)
-   the lanes sum x - x0 and its square, x0 the mean of the image's first SUMS_CHUNK rows (a single
-   row may lie far out: a zero-padded conv's corner), shifted back in double at the end, so that
-   E[x^2] - E[x]^2 formed from the results keeps its digits for a large mean. */
+   double every SUMS_CHUNK adds: accumulating every element in double made the pass compute-bound
+   (13-19 GB/s against torch's 30-50 for a plain sum). The lanes span `span` values, a whole
+   number of rows: with few columns a row is a short loop, so callers that can add several rows
+   at once (span_of) and the columns are summed out of the lanes at the end. For a sum of squares
+   (squares: a variance) the lanes sum x - x0 and its square, x0 the mean of the image's first
+   SUMS_CHUNK rows (a single row may lie far out: a zero-padded conv's corner), shifted back in
+   double at the end, so that E[x^2] - E[x]^2 formed from the results keeps its digits for a
+   large mean. */
 #define SUMS_CHUNK 16
 struct column_sums {
-    int64_t k;
+    int64_t k, span, adds;
     int squares;
     float *x0, *lane_a, *lane_ab;
     double *sum_a, *sum_ab;
 };
 
-/* Sums over the rows of x (rows x k, contiguous) to come, squares about their first rows' mean. */
-static struct column_sums column_sums_start(const float *x, int64_t rows, int64_t k, int squares) {
-    struct column_sums c = {k, squares, calloc(3 * k, sizeof(float)), NULL, NULL, calloc(2 * k, sizeof(double)), NULL};
+/* Rows per span: a loop of at least 256 values where the columns are fewer. */
+static inline int64_t span_of(int64_t k) { return k >= 64 ? k : 64 / k * k; }
+
+/* Sums over the rows of x (rows x k, contiguous) to come, in lanes of span (a multiple of k),
+   squares about their first rows' mean. */
+static struct column_sums column_sums_start(const float *x, int64_t rows, int64_t k, int64_t span, int squares) {
+    struct column_sums c = {k, span, 0, squares, calloc(3 * span, sizeof(float)), NULL, NULL,
+                            calloc(2 * span, sizeof(double)), NULL};
     if (!c.x0 || !c.sum_a) abort();
-    c.lane_a = c.x0 + k;
-    c.lane_ab = c.x0 + 2 * k;
-    c.sum_ab = c.sum_a + k;
+    c.lane_a = c.x0 + span;
+    c.lane_ab = c.x0 + 2 * span;
+    c.sum_ab = c.sum_a + span;
     if (squares) {
         int64_t first = rows < SUMS_CHUNK ? rows : SUMS_CHUNK;
         for (int64_t row = 0; row < first; row++)
             for (int64_t j = 0; j < k; j++) c.x0[j] += x[row * k + j];
         for (int64_t j = 0; j < k; j++) c.x0[j] /= (float)first;
+        for (int64_t j = k; j < span; j++) c.x0[j] = c.x0[j % k];
     }
     return c;
 }
 
-/* Row `row` of `rows`: x into the sums of x (if plain) and of x * y (if y), or with squares,
-   of x - x0 and its square. */
-static inline void column_sums_add(struct column_sums *c, const float *x, const float *y, int plain, int64_t row,
-                                   int64_t rows) {
+static void column_sums_flush(struct column_sums *c) {
+    for (int64_t j = 0; j < c->span; j++) {
+        c->sum_a[j] += c->lane_a[j];
+        c->sum_ab[j] += c->lane_ab[j];
+        c->lane_a[j] = c->lane_ab[j] = 0.0f;
+    }
+}
+
+/* The next len values (whole rows, at most span): x into the sums of x (if plain) and of x * y
+   (if y), or with squares, of x - x0 and its square. */
+static inline void column_sums_add(struct column_sums *c, const float *x, const float *y, int plain, int64_t len) {
     float *la = c->lane_a, *lab = c->lane_ab;
     const float *x0 = c->x0;
     if (c->squares) {
         #pragma omp simd
-        for (int64_t j = 0; j < c->k; j++) { float d = x[j] - x0[j]; la[j] += d; lab[j] += d * d; }
+        for (int64_t j = 0; j < len; j++) { float d = x[j] - x0[j]; la[j] += d; lab[j] += d * d; }
     } else {
         if (plain) {
             #pragma omp simd
-            for (int64_t j = 0; j < c->k; j++) la[j] += x[j];
+            for (int64_t j = 0; j < len; j++) la[j] += x[j];
         }
         if (y) {
             #pragma omp simd
-            for (int64_t j = 0; j < c->k; j++) lab[j] += x[j] * y[j];
+            for (int64_t j = 0; j < len; j++) lab[j] += x[j] * y[j];
         }
     }
-    if (row % SUMS_CHUNK == SUMS_CHUNK - 1 || row == rows - 1)
-        for (int64_t j = 0; j < c->k; j++) {
-            c->sum_a[j] += la[j];
-            c->sum_ab[j] += lab[j];
-            la[j] = lab[j] = 0.0f;
-        }
+    if (++c->adds % SUMS_CHUNK == 0) column_sums_flush(c);
 }
 
 /* The sums of x and of x * y (or x * x) over the rows, where the pointers are not NULL. */
 static void column_sums_end(struct column_sums *c, double *sum_a, double *sum_ab, int64_t rows) {
+    column_sums_flush(c);
+    for (int64_t j = c->k; j < c->span; j++) {
+        c->sum_a[j % c->k] += c->sum_a[j];
+        c->sum_ab[j % c->k] += c->sum_ab[j];
+    }
     for (int64_t j = 0; j < c->k; j++) {
         double shift = c->squares ? c->x0[j] : 0.0;
         if (sum_a) sum_a[j] = c->sum_a[j] + rows * shift;
@@ -122,14 +138,31 @@ static inline const float *past_relu(const float *a, const float *out, float *ma
     return g;
 }
 
+/* Repeat an image's k values per column along a span of whole rows. */
+static void repeat_columns(const float *per_column, int64_t k, int64_t span, float *out) {
+    for (int64_t j = 0; j < span; j++) out[j] = per_column[j % k];
+}
+
+/* The values a[0..len) through the backward of a ReLU whose input was x * s + t (s and t repeated
+   along the span, computed as the forward's scale_rows computed it, so the mask is its mask):
+   written to g, which is returned. */
+static inline const float *past_relu_of(const float *a, const float *x, const float *s, const float *t, float *g,
+                                        int64_t len) {
+    #pragma omp simd
+    for (int64_t j = 0; j < len; j++) g[j] = relu_grad(a[j], x[j] * s[j] + t[j]);
+    return g;
+}
+
 /* sum_a[r] = sum of a, sum_ab[r] = sum of a * b over the reduced dim; either pointer may be NULL
    (b is read only for sum_ab). If relu_out is not NULL, a is a gradient at a ReLU's output
    relu_out: it is masked where relu_out <= 0 and written to masked, and the sums are the masked
    one's (the gates' backward, which would otherwise make that mask a pass of its own). Over the
    middle dim: float lanes (column_sums), with b == a a sum of squares about the mean of each
-   image's first rows. */
+   image's first rows; there relu_scale and relu_shift (per (n, k), or NULL) may instead give the
+   ReLU's input as b * relu_scale + relu_shift, and a is masked by it without being written out. */
 void sums(const float *a, const float *b, int64_t n, int64_t m, int64_t k, int over_last,
-          const float *relu_out, float *masked, double *sum_a, double *sum_ab, int threads) {
+          const float *relu_out, float *masked, const float *relu_scale, const float *relu_shift,
+          double *sum_a, double *sum_ab, int threads) {
     if (over_last) {
         #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t r = 0; r < n * m; r++) {
@@ -149,14 +182,28 @@ void sums(const float *a, const float *b, int64_t n, int64_t m, int64_t k, int o
         }
         return;
     }
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t i = 0; i < n; i++) {  /* over the middle dim: row after row, running sums per column */
-        struct column_sums c = column_sums_start(a + i * m * k, m, k, b == a);
-        for (int64_t row = 0; row < m; row++) {
-            int64_t at = (i * m + row) * k;
-            column_sums_add(&c, past_relu(a, relu_out, masked, at, k), b ? b + at : NULL, sum_a != NULL, row, m);
+    int64_t span = span_of(k);
+    #pragma omp parallel num_threads(threads)
+    {
+        float *scratch = relu_scale ? malloc((size_t)(3 * span) * sizeof(float)) : NULL;
+        if (relu_scale && !scratch) abort();
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < n; i++) {  /* over the middle dim: a span of rows at a time, running sums per column */
+            if (scratch) {
+                repeat_columns(relu_scale + i * k, k, span, scratch + span);
+                repeat_columns(relu_shift + i * k, k, span, scratch + 2 * span);
+            }
+            struct column_sums c = column_sums_start(a + i * m * k, m, k, span, b == a);
+            for (int64_t at = i * m * k, end = at + m * k; at < end; at += span) {
+                int64_t len = end - at < span ? end - at : span;
+                const float *g = scratch
+                    ? past_relu_of(a + at, b + at, scratch + span, scratch + 2 * span, scratch, len)
+                    : past_relu(a, relu_out, masked, at, len);
+                column_sums_add(&c, g, b ? b + at : NULL, sum_a != NULL, len);
+            }
+            column_sums_end(&c, sum_a ? sum_a + i * k : NULL, sum_ab ? sum_ab + i * k : NULL, m);
         }
-        column_sums_end(&c, sum_a ? sum_a + i * k : NULL, sum_ab ? sum_ab + i * k : NULL, m);
+        free(scratch);
     }
 }
 
@@ -227,7 +274,7 @@ void extremes(const float *a, int64_t n, int64_t m, int64_t k, int over_last, fl
         int32_t *best = malloc(2 * k * sizeof(int32_t));  /* 32-bit, like the floats, to blend in the same lanes */
         if (!best) abort();
         struct column_sums c = {0};
-        if (total || squares) c = column_sums_start(x, m, k, squares != NULL);
+        if (total || squares) c = column_sums_start(x, m, k, k, squares != NULL);
         for (int64_t j = 0; j < k; j++) {
             hi[j] = x[j];
             best[j] = best[k + j] = 0;
@@ -237,7 +284,7 @@ void extremes(const float *a, int64_t n, int64_t m, int64_t k, int over_last, fl
             const float *y = x + row * k;
             running_extreme(y, hi, best, k, row, 0);
             if (lo) running_extreme(y, lo, best + k, k, row, 1);
-            if (total || squares) column_sums_add(&c, y, NULL, 1, row, m);
+            if (total || squares) column_sums_add(&c, y, NULL, 1, k);
         }
         if (total || squares) column_sums_end(&c, total ? total + i * k : NULL, squares ? squares + i * k : NULL, m);
         for (int64_t j = 0; j < k; j++) {
@@ -292,18 +339,21 @@ static inline void add_residual(float *y, const float *residual, int64_t k, int 
    NULL), then plus residual (NULL for none) and through a ReLU if relu; then plus add[p][r] at
    position at[p][r] of the broadcast dim for each of the `peaks` (index, value) arrays: a gate's
    output (with its block's residual add and ReLU), and its input gradient with the max's and
-   min's gradients (and a variance's, through b = x). torch's addcmul runs 1.8x longer when the
-   broadcast dim is the last, and its scatter_add 1 ms per 131k values. Returns -1 if a position
-   is out of range. */
+   min's gradients (and a variance's, through b = x). Over the middle dim, relu_scale and
+   relu_shift (per (n, k), or NULL) first mask a by the ReLU whose input was b * relu_scale +
+   relu_shift: the input gradient of a layer that applied a ReLU it can recompute. torch's addcmul
+   runs 1.8x longer when the broadcast dim is the last, and its scatter_add 1 ms per 131k values.
+   Returns -1 if a position is out of range. */
 int scale_rows(const float *a, int64_t n, int64_t m, int64_t k, int over_last, const float *scale,
-               const float *shift, const float *b, const float *b_scale, const float *residual, int relu, int peaks,
-               const int64_t *const *at, const float *const *add, float *out, int threads) {
+               const float *shift, const float *b, const float *b_scale, const float *relu_scale,
+               const float *relu_shift, const float *residual, int relu, int peaks, const int64_t *const *at,
+               const float *const *add, float *out, int threads) {
     int bad = 0;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < n * m; r++) {
-        const float *x = a + r * k, *z = b ? b + r * k : NULL;
-        float *y = out + r * k;
-        if (over_last) {
+    if (over_last) {
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t r = 0; r < n * m; r++) {
+            const float *x = a + r * k, *z = b ? b + r * k : NULL;
+            float *y = out + r * k;
             float s = scale[r], t = shift[r], u = b ? b_scale[r] : 0.0f;
             if (z) {
                 #pragma omp simd
@@ -322,21 +372,45 @@ int scale_rows(const float *a, int64_t n, int64_t m, int64_t k, int over_last, c
                     y[q] += add[p][r];
                 }
             }
-        } else {
-            const float *s = scale + (r / m) * k, *t = shift + (r / m) * k;
-            if (z) {
-                const float *u = b_scale + (r / m) * k;
-                #pragma omp simd
-                for (int64_t j = 0; j < k; j++) y[j] = x[j] * s[j] + z[j] * u[j] + t[j];
-            } else {
-                #pragma omp simd
-                for (int64_t j = 0; j < k; j++) y[j] = x[j] * s[j] + t[j];
-            }
-            add_residual(y, residual ? residual + r * k : NULL, k, relu);
         }
+        return bad ? -1 : 0;
     }
-    if (!over_last)  /* the rows are all written above; the peaks go on top */
-        for (int p = 0; p < peaks; p++) bad |= add_column_peaks(out, n, m, k, at[p], add[p], threads);
+    /* Over the middle dim: a span of rows at a time (span_of), each image's per-column values
+       repeated along the span where it holds more than one row. */
+    int64_t span = span_of(k);
+    #pragma omp parallel num_threads(threads)
+    {
+        float *per = span > k || relu_scale ? malloc((size_t)(6 * span) * sizeof(float)) : NULL;
+        if ((span > k || relu_scale) && !per) abort();
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < n; i++) {
+            const float *s = scale + i * k, *t = shift + i * k, *u = b ? b_scale + i * k : NULL;
+            const float *rs = relu_scale ? relu_scale + i * k : NULL, *rt = relu_scale ? relu_shift + i * k : NULL;
+            if (per) {
+                const float *columns[5] = {s, t, u, rs, rt};
+                for (int v = 0; v < 5; v++)
+                    if (columns[v]) repeat_columns(columns[v], k, span, per + v * span);
+                s = per, t = per + span, u = u ? per + 2 * span : NULL;
+                rs = rs ? per + 3 * span : NULL, rt = rt ? per + 4 * span : NULL;
+            }
+            for (int64_t at = i * m * k, end = at + m * k; at < end; at += span) {
+                int64_t len = end - at < span ? end - at : span;
+                const float *x = a + at, *z = b ? b + at : NULL;
+                float *y = out + at;
+                if (rs) x = past_relu_of(x, z, rs, rt, per + 5 * span, len);
+                if (z) {
+                    #pragma omp simd
+                    for (int64_t j = 0; j < len; j++) y[j] = x[j] * s[j] + z[j] * u[j] + t[j];
+                } else {
+                    #pragma omp simd
+                    for (int64_t j = 0; j < len; j++) y[j] = x[j] * s[j] + t[j];
+                }
+                add_residual(y, residual ? residual + at : NULL, len, relu);
+            }
+        }
+        free(per);
+    }
+    for (int p = 0; p < peaks; p++) bad |= add_column_peaks(out, n, m, k, at[p], add[p], threads);  /* on top */
     return bad ? -1 : 0;
 }
 
@@ -684,6 +758,97 @@ int norm_backward(const float *x, const float *dy, const float *out, const float
     free(sums);
     free(k);
     return failed ? -1 : 0;
+}
+
+/* Instance-enhanced batch norm's per-channel math (modules/iebn.py), from the per-image sums that
+   sums() takes of x: from Python, its 40-odd small tensor ops and their autograd cost about
+   0.7 ms per layer, which over ResNet-164's 163 norms is 4-5% of a training step on the CPU.
+   Forward: per image and channel the mean and variance over its m pixels; the batch's mean and
+   variance (the mean of the variances plus the variance of the means); the running averages
+   moved by `factor` (if running_mean is not NULL); the gate g = sigmoid(mean * gate_w + gate_b);
+   and y = x * scale + shift with scale = gamma * g * invstd, shift = beta - batch_mean * scale.
+   Kept for the backward: mean, g, batch_mean and invstd. Loops run along the channels, so that
+   each is a unit-stride one over an image's row of sums. */
+int ie_norm_forward(const double *sum_x, const double *sum_xx, int64_t n, int64_t c, int64_t m, const float *gamma,
+                    const float *beta, const float *gate_w, const float *gate_b, double eps, float *running_mean,
+                    float *running_var, double factor, float *scale, float *shift, float *mean, float *gate,
+                    float *batch_mean, float *invstd) {
+    double *acc = calloc((size_t)(3 * c), sizeof(double)), *sum_mean = acc, *sum_var = acc + c, *sum_dev = acc + 2 * c;
+    double per_pixel = 1.0 / m;
+    if (!acc) return -1;
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < c; j++) {
+            double mu = sum_x[i * c + j] * per_pixel, var = sum_xx[i * c + j] * per_pixel - mu * mu;
+            sum_mean[j] += mu;
+            sum_var[j] += var > 0.0 ? var : 0.0;
+        }
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < c; j++) {
+            double d = sum_x[i * c + j] * per_pixel - sum_mean[j] / n;
+            sum_dev[j] += d * d;
+        }
+    for (int64_t j = 0; j < c; j++) {
+        double bm = sum_mean[j] / n, bv = (sum_var[j] + sum_dev[j]) / n;
+        batch_mean[j] = (float)bm;
+        invstd[j] = (float)(1.0 / sqrt(bv + eps));
+        if (running_mean) {
+            running_mean[j] += (float)(factor * (bm - running_mean[j]));
+            running_var[j] += (float)(factor * (bv * (n * m) / (n * m - 1) - running_var[j]));
+        }
+    }
+    for (int64_t r = 0; r < n * c; r++) mean[r] = (float)(sum_x[r] * per_pixel);
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < c; j++) {
+            int64_t r = i * c + j;
+            float g = 1.0f / (1.0f + expf(-(mean[r] * gate_w[j] + gate_b[j])));
+            gate[r] = g;
+            scale[r] = gamma[j] * g * invstd[j];
+            shift[r] = beta[j] - batch_mean[j] * scale[r];
+        }
+    free(acc);
+    return 0;
+}
+
+/* Its backward, from the per-image sums over the pixels of dz * x (d_scale) and dz (d_shift), dz
+   the gradient at y: the parameters' gradients, and dx = dz * scale + x * dx_x + dx_shift, whose
+   two per-image terms come from the gradients of each image's mean and variance. */
+int ie_norm_backward(const double *d_scale, const double *d_shift, int64_t n, int64_t c, int64_t m,
+                     const float *mean, const float *gate, const float *batch_mean, const float *invstd,
+                     const float *gamma, const float *gate_w, float *dx_shift, float *dx_x, float *d_gamma,
+                     float *d_beta, float *d_gate_w, float *d_gate_b) {
+    double *acc = calloc((size_t)(6 * c), sizeof(double));
+    if (!acc) return -1;
+    double *dg = acc, *db = acc + c, *d_bm = acc + 2 * c, *d_is = acc + 3 * c, *dw = acc + 4 * c, *dgb = acc + 5 * c;
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < c; j++) {
+            int64_t r = i * c + j;
+            double g = gate[r], q = d_scale[r] - batch_mean[j] * d_shift[r];  /* shift = beta - batch_mean * scale */
+            double d_z = q * gamma[j] * invstd[j] * g * (1.0 - g);  /* at the gate's input */
+            dg[j] += q * g * invstd[j];
+            db[j] += d_shift[r];
+            d_bm[j] -= d_shift[r] * gamma[j] * g * invstd[j];
+            d_is[j] += q * gamma[j] * g;
+            dw[j] += d_z * mean[r];
+            dgb[j] += d_z;
+            dx_shift[r] = (float)(d_z * gate_w[j]);  /* the gate's part of the mean's gradient, for now */
+        }
+    for (int64_t j = 0; j < c; j++) {
+        d_gamma[j] = (float)dg[j];
+        d_beta[j] = (float)db[j];
+        d_gate_w[j] = (float)dw[j];
+        d_gate_b[j] = (float)dgb[j];
+        d_is[j] *= -0.5 * (double)invstd[j] * invstd[j] * invstd[j];  /* now the batch variance's gradient */
+    }
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < c; j++) {
+            int64_t r = i * c + j;
+            double d_mean = dx_shift[r] + (d_bm[j] + 2.0 * d_is[j] * (mean[r] - batch_mean[j])) / n;
+            double x_factor = 2.0 * d_is[j] / n / m;  /* the per-image variance's gradient is the batch's / n */
+            dx_x[r] = (float)x_factor;
+            dx_shift[r] = (float)(d_mean / m - mean[r] * x_factor);
+        }
+    free(acc);
+    return 0;
 }
 
 #define TILE_ROWS 6  /* output channels per tile: 6 x 2 accumulators, 2 loads, 6 broadcasts */

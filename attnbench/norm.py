@@ -33,10 +33,7 @@ class BatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: Tensor, residual: Tensor | None = None, relu: bool = False) -> Tensor:
         if not self._fusable(x, residual):
             return add_residual(super().forward(x), residual, relu)
-        running, factor = None, 0.0
-        if self.track_running_stats:
-            running, factor = (self.running_mean, self.running_var), _count_batch(self)
-        return _FusedBatchNorm.apply(x, self.weight, self.bias, residual, relu, self.eps, running, factor)
+        return _FusedBatchNorm.apply(x, self.weight, self.bias, residual, relu, self.eps, *running_update(self))
 
     def foldable(self, x: Tensor) -> bool:
         """Whether this norm, given x, is the plain training batch norm that a later layer may
@@ -56,10 +53,13 @@ class BatchNorm2d(nn.BatchNorm2d):
     def _fusable(self, x: Tensor, residual: Tensor | None) -> bool:
         """_trains_in_c, on tensors the C kernels serve (channels_last, the residual alike).
         serves() comes before the layout: under vmap, asking for the channels_last layout raises."""
-        return (self._trains_in_c(x) and fused.serves(x, residual)
-                and x.is_contiguous(memory_format=torch.channels_last)
-                and (residual is None or (residual.shape == x.shape
-                                          and residual.is_contiguous(memory_format=torch.channels_last))))
+        return self._trains_in_c(x) and fused.serves(x, residual) and channels_last_alike(x, residual)
+
+
+def channels_last_alike(x: Tensor, residual: Tensor | None) -> bool:
+    """x channels_last, and the residual (if any) too, of x's shape: what the C norms read."""
+    return x.is_contiguous(memory_format=torch.channels_last) and (
+        residual is None or (residual.shape == x.shape and residual.is_contiguous(memory_format=torch.channels_last)))
 
 
 def batch_statistics(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor,
@@ -78,6 +78,14 @@ def batch_statistics(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Ten
             unbiased = batch_var.detach().flatten() * per_channel / (per_channel - 1)
             bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
     return batch_mean, batch_var
+
+
+def running_update(bn: nn.modules.batchnorm._BatchNorm) -> tuple[tuple[Tensor, Tensor] | None, float]:
+    """For a C kernel's training step: the running (mean, variance) to move, and the factor to
+    move them by, with the batch counted; (None, 0.0) where bn keeps no running statistics."""
+    if not bn.track_running_stats:
+        return None, 0.0
+    return (bn.running_mean, bn.running_var), _count_batch(bn)
 
 
 def _count_batch(bn: nn.modules.batchnorm._BatchNorm) -> float:

@@ -173,3 +173,79 @@ def test_iebn_trains_under_autocast() -> None:
     y.float().sum().backward()
     assert y.dtype == torch.bfloat16 and norm.running_mean.dtype == torch.float32
     assert norm.num_batches_tracked == 1 and x.grad is not None
+
+
+def _iebn_by_formula(norm, x: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """IEBN in training written out (in float64 for a float64 norm and x): batch statistics over
+    (N, H, W), the gate from each image's own channel means."""
+    mean = x.mean(dim=(0, 2, 3), keepdim=True)
+    var = x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    s = torch.sigmoid(x.mean(dim=(2, 3), keepdim=True) * norm.gate_weight + norm.gate_bias)
+    y = (x - mean) / torch.sqrt(var + norm.eps) * (norm.gamma * s) + norm.beta
+    y = y if residual is None else y + residual
+    return torch.relu(y) if relu else y
+
+
+@pytest.mark.usefixtures("kernels_built_unless_turned_off")
+@pytest.mark.parametrize("shape, offset", [((4, 6, 5, 5), 0.0), ((8, 16, 8, 8), 0.0), ((3, 24, 7, 9), 0.0),
+                                           ((2, 5, 1, 3), 0.0), ((4, 6, 5, 5), 600.0)])
+@pytest.mark.parametrize("tail", ["none", "relu", "add", "add+relu"])
+def test_iebn_trains_in_c_as_its_formula(shape, offset, tail) -> None:
+    """The C path (channels_last, training on the CPU) against the formula in float64 with
+    autograd: output, gradients of x, the residual and the four parameters, running statistics."""
+    torch.manual_seed(6)
+    norm = registry.get("iebn").make_norm(shape[1], {})
+    with torch.no_grad():
+        for p in (norm.gamma, norm.beta, norm.gate_weight, norm.gate_bias):
+            p.normal_()
+        norm.gate_weight /= 1 + offset  # keeps the gates off saturation, so their gradients count
+    x = (torch.randn(shape) * 2 + offset).contiguous(memory_format=torch.channels_last).requires_grad_()
+    residual = None
+    if "add" in tail:
+        residual = torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_()
+    relu = "relu" in tail
+    y = norm(x, residual=residual, relu=relu)
+    assert type(y.grad_fn).__name__ == "_FusedIEBNBackward"
+    dy = torch.randn(shape)
+    y.backward(dy)
+    reference = registry.get("iebn").make_norm(shape[1], {}).double()
+    reference.load_state_dict(norm.state_dict())
+    leaves = [None if t is None else t.detach().double().requires_grad_() for t in (x, residual)]
+    y_ref = _iebn_by_formula(reference, leaves[0], leaves[1], relu)
+    y_ref.backward(dy.double())
+    # x * scale + shift rounds x * scale, which is the offset's size: digits go with offset / std
+    # (measured: output 5e-7 at offset 0, 2.5e-5 at 600; gradients 2e-7 and 3e-5 relative).
+    lost = 1 + offset / 20
+    assert torch.allclose(y.double(), y_ref, atol=2e-6 * lost)
+    pairs = [(x.grad, leaves[0].grad), *((p.grad, q.grad) for p, q in zip(
+        (norm.gamma, norm.beta, norm.gate_weight, norm.gate_bias),
+        (reference.gamma, reference.beta, reference.gate_weight, reference.gate_bias)))]
+    if residual is not None:
+        pairs.append((residual.grad, leaves[1].grad))
+    for got, want in pairs:
+        assert (got.double() - want).norm() <= 1e-6 * lost * want.norm()
+    x64 = x.detach().double()
+    assert torch.allclose(norm.running_mean.double(), 0.1 * x64.mean(dim=(0, 2, 3)), rtol=1e-6)
+    assert torch.allclose(norm.running_var.double(), 0.9 + 0.1 * x64.var(dim=(0, 2, 3)), rtol=1e-6)
+    assert norm.num_batches_tracked == 1
+
+
+@pytest.mark.usefixtures("kernels_built_unless_turned_off")
+def test_iebn_in_c_keeps_a_cumulative_average_or_none() -> None:
+    """momentum=None: the running statistics are the plain average over the batches so far;
+    without running statistics (track_running_stats off) the C path still normalises by the batch."""
+    torch.manual_seed(7)
+    module = type(registry.get("iebn").make_norm(6, {}))
+    norm = module(6, momentum=None)
+    batches = [(torch.randn(4, 6, 5, 5) * (1 + i) + i).contiguous(memory_format=torch.channels_last) for i in range(2)]
+    for x in batches:
+        y = norm(x.requires_grad_())
+        assert type(y.grad_fn).__name__ == "_FusedIEBNBackward"
+    both = torch.stack(batches).detach().double()
+    assert torch.allclose(norm.running_mean.double(), both.mean(dim=(1, 3, 4)).mean(0), rtol=1e-6)
+    assert torch.allclose(norm.running_var.double(), both.var(dim=(1, 3, 4)).mean(0), rtol=1e-6)
+    untracked = module(6)
+    untracked.track_running_stats, untracked.running_mean, untracked.running_var = False, None, None
+    y = untracked(batches[0])
+    assert type(y.grad_fn).__name__ == "_FusedIEBNBackward"
+    assert torch.allclose(y, _iebn_by_formula(untracked, batches[0], None, False), atol=1e-5)

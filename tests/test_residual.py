@@ -38,10 +38,10 @@ def _train_step(module: str, arch: str, block: str, depth: int, fused_tail: bool
 
 
 # The node each block's output comes from when training on the CPU with the kernels: post-activation
-# blocks end in the gate's (or IEBN's) Function, or in the last batch norm's; pre-activation blocks in
+# blocks end in the gate's or IEBN's Function, or in the last batch norm's; pre-activation blocks in
 # the gate's, or in torch's add after their last conv.
 TAIL = {"none": "_FusedBatchNormBackward", "se": "_FusedGateBackward", "spe": "_FusedGateBackward",
-        "iebn": "_FusedGateBackward", "cbam": "_FusedChannelSpatialGateBackward"}
+        "iebn": "_FusedIEBNBackward", "cbam": "_FusedChannelSpatialGateBackward"}
 PREACT_TAIL = {**TAIL, "none": "AddBackward0", "iebn": "AddBackward0"}
 
 
