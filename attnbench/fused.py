@@ -140,6 +140,12 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def pixel_rows(t: Tensor | None) -> Tensor | None:
+    """A channels_last (N, C, H, W) tensor (None passes) as the (N, H*W, C) rows of its memory,
+    the (n, m, k) form the kernels below read."""
+    return None if t is None else t.permute(0, 2, 3, 1).view(t.shape[0], -1, t.shape[1])
+
+
 def _kept_shape(a: Tensor, over_last: bool, *alike: Tensor | None) -> tuple[int, int, int, list[int]]:
     """n, m, k of a kernel's (n, m, k) input and the shape of its per-row results; checks what the
     C code relies on (of `a` and of the tensors given alike to it, None skipped), since a wrong
@@ -331,14 +337,26 @@ def _norm_operands(x: Tensor, activations: Sequence[Tensor | None],
         raise ValueError(f"the norm kernels take channels_last tensors of x's shape {tuple(x.shape)} with channels, "
                          f"got {[tuple(t.shape) for t in activations]}")
     c = x.shape[1]
-    for t in per_channel:
-        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or t.shape != (c,)
-                              or not t.is_contiguous()):
-            raise ValueError(f"the norm kernels take {c} float32 values per channel, got {t.dtype} {tuple(t.shape)}")
+    _per_channel(c, *per_channel)
     rows = x.numel() // c
     if rows < 2:
         raise ValueError(f"batch norm needs more than 1 value per channel, got input {tuple(x.shape)}")
     return rows, c
+
+
+def _per_channel(c: int, *tensors: Tensor | None) -> None:
+    """The norm kernels index per-channel tensors (None skipped) as c contiguous float32 CPU values."""
+    for t in tensors:
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or t.shape != (c,)
+                              or not t.is_contiguous()):
+            raise ValueError(f"the norm kernels take {c} float32 values per channel, got {t.dtype} {tuple(t.shape)}")
+
+
+def _both_or_neither(running: tuple[Tensor, Tensor] | None, name: str) -> tuple[Tensor | None, Tensor | None]:
+    running_mean, running_var = running if running is not None else (None, None)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{name} takes both running statistics (mean and variance) or neither")
+    return running_mean, running_var
 
 
 def norm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, running: tuple[Tensor, Tensor] | None,
@@ -347,9 +365,7 @@ def norm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, running: t
     relu(weight * (x - mean) * invstd + bias + residual) with the residual and the ReLU optional,
     and the running (mean, variance), if given, moved in place by `factor` towards the batch's
     mean and unbiased variance."""
-    running_mean, running_var = running if running is not None else (None, None)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("norm_forward takes both running statistics (mean and variance) or neither")
+    running_mean, running_var = _both_or_neither(running, "norm_forward")
     rows, c = _norm_operands(x, [residual], [weight, bias, running_mean, running_var])
     out, mean, invstd = torch.empty_like(x), torch.empty(c), torch.empty(c)
     if _library().norm_forward(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), eps, _ptr(running_mean),
@@ -392,9 +408,8 @@ def ie_norm_forward(sum_x: Tensor, sum_xx: Tensor, pixels: int, params: Sequence
     n, c = sum_x.shape
     _per_image(n, c, sum_x, sum_xx)
     params = [_per(t, [c]) for t in params]
-    running = running if running is not None else (None, None)
-    if any(t is not None and (t.dtype != torch.float32 or t.shape != (c,) or not t.is_contiguous()) for t in running):
-        raise ValueError(f"the IEBN kernels take both running statistics as {c} contiguous float32 values, or neither")
+    running = _both_or_neither(running, "ie_norm_forward")
+    _per_channel(c, *running)
     if pixels < 1 or n * pixels < 2:
         raise ValueError(f"IEBN needs more than 1 value per channel, got {n} images of {pixels} pixels")
     scale, shift, mean, gate = (torch.empty(n, c) for _ in range(4))
@@ -414,7 +429,8 @@ def ie_norm_backward(d_scale: Tensor, d_shift: Tensor, pixels: int, kept: Sequen
     n, c = d_scale.shape
     _per_image(n, c, d_scale, d_shift)
     mean, gate, batch_mean, invstd = kept
-    if mean.shape != (n, c) or gate.shape != (n, c) or batch_mean.shape != (c,) or invstd.shape != (c,):
+    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in kept) or mean.shape != (n, c) \
+            or gate.shape != (n, c) or batch_mean.shape != (c,) or invstd.shape != (c,):
         raise ValueError("ie_norm_backward takes what ie_norm_forward kept, for sums of the same shape")
     gamma, gate_weight = _per(params[0], [c]), _per(params[2], [c])
     dx_x, dx_shift = torch.empty(n, c), torch.empty(n, c)

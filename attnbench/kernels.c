@@ -5,7 +5,9 @@
    along one of them. A channels_last activation is (N, H*W, C) and an NCHW one (N, C, H*W), so
    pooling over pixels or over channels is one of the two in either layout.
    Batch norm: norm_forward and norm_backward, a training step's batch norm over a channels_last
-   activation with the ReLU after it (and a block's residual add), two passes each way.
+   activation with the ReLU after it (and a block's residual add), two passes each way; and
+   ie_norm_forward and ie_norm_backward, the per-channel math of IEBN (modules/iebn.py), whose
+   passes are the gates' sums and scale_rows.
    Convolutions: conv_weight_grad, the weight gradient of the CIFAR ResNets' 16-64 channel convs,
    which oneDNN computes in 1.2-1.4x the time; conv_same and conv_same_weight_grad, a direct
    loop for convs with a handful of channels, where oneDNN is slower still.
@@ -44,11 +46,32 @@ static inline float relu_grad(float g, float v) {
     return g;
 }
 
+/* Spans: where an array of rows of k values is read row by row, a row of a few channels is a
+   short loop (one of 16 ran at half the speed of a long one). So rows go in spans of span_rows(k,
+   values) whole rows, at least `values` values (one row where k alone is that many), with each
+   per-column value repeated along the span (repeat_columns), and every loop runs along a span. */
+static inline int64_t span_rows(int64_t k, int64_t values) { return k >= values ? 1 : values / k; }
+
+/* For each of `count` arrays of k values (zeros for a NULL one), its values repeated along a span,
+   one span after another in out. */
+static void repeat_columns(const float *const *arrays, int count, int64_t k, int64_t span, float *out) {
+    for (int a = 0; a < count; a++)
+        for (int64_t j = 0; j < span; j++) out[a * span + j] = arrays[a] ? arrays[a][j % k] : 0.0f;
+}
+
+/* x * s + t: one function, so that a ReLU's mask recomputed from x in a backward is bit for bit
+   the forward's (both contract it into the same fused multiply-add, or both do not). */
+static inline float affine(float x, float s, float t) { return x * s + t; }
+
+/* The gates' spans over the middle dim: 64 values. At 256, as the batch norm has them, the
+   per-image setup made ResNet-164's 8x8 layers slower (0.08 against 0.15 ms at 64 channels). */
+#define GATE_SPAN 64
+
 /* Running sums per column over one image's rows (the middle dim), in float lanes added into
    double every SUMS_CHUNK adds: accumulating every element in double made the pass compute-bound
-   (13-19 GB/s against torch's 30-50 for a plain sum). The lanes span `span` values, a whole
-   number of rows: with few columns a row is a short loop, so callers that can add several rows
-   at once (span_of) and the columns are summed out of the lanes at the end. For a sum of squares
+   (13-19 GB/s against torch's 30-50 for a plain sum). The lanes hold a span of whole rows, so
+   callers may add several rows at once, and each column's lanes are added together at the end.
+   For a sum of squares
    (squares: a variance) the lanes sum x - x0 and its square, x0 the mean of the image's first
    SUMS_CHUNK rows (a single row may lie far out: a zero-padded conv's corner), shifted back in
    double at the end, so that E[x^2] - E[x]^2 formed from the results keeps its digits for a
@@ -60,9 +83,6 @@ struct column_sums {
     float *x0, *lane_a, *lane_ab;
     double *sum_a, *sum_ab;
 };
-
-/* Rows per span: a loop of at least 256 values where the columns are fewer. */
-static inline int64_t span_of(int64_t k) { return k >= 64 ? k : 64 / k * k; }
 
 /* Sums over the rows of x (rows x k, contiguous) to come, in lanes of span (a multiple of k),
    squares about their first rows' mean. */
@@ -78,7 +98,7 @@ static struct column_sums column_sums_start(const float *x, int64_t rows, int64_
         for (int64_t row = 0; row < first; row++)
             for (int64_t j = 0; j < k; j++) c.x0[j] += x[row * k + j];
         for (int64_t j = 0; j < k; j++) c.x0[j] /= (float)first;
-        for (int64_t j = k; j < span; j++) c.x0[j] = c.x0[j % k];
+        for (int64_t j = k; j < span; j++) c.x0[j] = c.x0[j - k];
     }
     return c;
 }
@@ -138,18 +158,12 @@ static inline const float *past_relu(const float *a, const float *out, float *ma
     return g;
 }
 
-/* Repeat an image's k values per column along a span of whole rows. */
-static void repeat_columns(const float *per_column, int64_t k, int64_t span, float *out) {
-    for (int64_t j = 0; j < span; j++) out[j] = per_column[j % k];
-}
-
-/* The values a[0..len) through the backward of a ReLU whose input was x * s + t (s and t repeated
-   along the span, computed as the forward's scale_rows computed it, so the mask is its mask):
-   written to g, which is returned. */
+/* The values a[0..len) through the backward of a ReLU whose input was affine(x, s, t), as
+   scale_rows wrote it (s and t repeated along the span): written to g, which is returned. */
 static inline const float *past_relu_of(const float *a, const float *x, const float *s, const float *t, float *g,
                                         int64_t len) {
     #pragma omp simd
-    for (int64_t j = 0; j < len; j++) g[j] = relu_grad(a[j], x[j] * s[j] + t[j]);
+    for (int64_t j = 0; j < len; j++) g[j] = relu_grad(a[j], affine(x[j], s[j], t[j]));
     return g;
 }
 
@@ -182,23 +196,24 @@ void sums(const float *a, const float *b, int64_t n, int64_t m, int64_t k, int o
         }
         return;
     }
-    int64_t span = span_of(k);
+    int64_t span = span_rows(k, GATE_SPAN) * k;
     #pragma omp parallel num_threads(threads)
     {
+        /* with relu_scale: the masked values, then the ReLU's scale and shift repeated */
         float *scratch = relu_scale ? malloc((size_t)(3 * span) * sizeof(float)) : NULL;
         if (relu_scale && !scratch) abort();
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < n; i++) {  /* over the middle dim: a span of rows at a time, running sums per column */
-            if (scratch) {
-                repeat_columns(relu_scale + i * k, k, span, scratch + span);
-                repeat_columns(relu_shift + i * k, k, span, scratch + 2 * span);
+            const float *relu_of[2] = {relu_scale ? relu_scale + i * k : NULL, relu_scale ? relu_shift + i * k : NULL};
+            if (scratch && span > k) {
+                repeat_columns(relu_of, 2, k, span, scratch + span);
+                relu_of[0] = scratch + span, relu_of[1] = scratch + 2 * span;
             }
             struct column_sums c = column_sums_start(a + i * m * k, m, k, span, b == a);
             for (int64_t at = i * m * k, end = at + m * k; at < end; at += span) {
                 int64_t len = end - at < span ? end - at : span;
-                const float *g = scratch
-                    ? past_relu_of(a + at, b + at, scratch + span, scratch + 2 * span, scratch, len)
-                    : past_relu(a, relu_out, masked, at, len);
+                const float *g = scratch ? past_relu_of(a + at, b + at, relu_of[0], relu_of[1], scratch, len)
+                                         : past_relu(a, relu_out, masked, at, len);
                 column_sums_add(&c, g, b ? b + at : NULL, sum_a != NULL, len);
             }
             column_sums_end(&c, sum_a ? sum_a + i * k : NULL, sum_ab ? sum_ab + i * k : NULL, m);
@@ -360,7 +375,7 @@ int scale_rows(const float *a, int64_t n, int64_t m, int64_t k, int over_last, c
                 for (int64_t j = 0; j < k; j++) y[j] = x[j] * s + z[j] * u + t;
             } else {
                 #pragma omp simd
-                for (int64_t j = 0; j < k; j++) y[j] = x[j] * s + t;
+                for (int64_t j = 0; j < k; j++) y[j] = affine(x[j], s, t);
             }
             add_residual(y, residual ? residual + r * k : NULL, k, relu);
             for (int p = 0; p < peaks; p++) {
@@ -375,35 +390,34 @@ int scale_rows(const float *a, int64_t n, int64_t m, int64_t k, int over_last, c
         }
         return bad ? -1 : 0;
     }
-    /* Over the middle dim: a span of rows at a time (span_of), each image's per-column values
-       repeated along the span where it holds more than one row. */
-    int64_t span = span_of(k);
+    /* Over the middle dim: a span of rows at a time, each image's scale, shift, b_scale and ReLU
+       scale and shift repeated along the span where it holds more than one row. */
+    int64_t span = span_rows(k, GATE_SPAN) * k;
     #pragma omp parallel num_threads(threads)
     {
+        /* the five repeated arrays, then the masked values where the ReLU is recomputed */
         float *per = span > k || relu_scale ? malloc((size_t)(6 * span) * sizeof(float)) : NULL;
         if ((span > k || relu_scale) && !per) abort();
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < n; i++) {
-            const float *s = scale + i * k, *t = shift + i * k, *u = b ? b_scale + i * k : NULL;
-            const float *rs = relu_scale ? relu_scale + i * k : NULL, *rt = relu_scale ? relu_shift + i * k : NULL;
-            if (per) {
-                const float *columns[5] = {s, t, u, rs, rt};
-                for (int v = 0; v < 5; v++)
-                    if (columns[v]) repeat_columns(columns[v], k, span, per + v * span);
-                s = per, t = per + span, u = u ? per + 2 * span : NULL;
-                rs = rs ? per + 3 * span : NULL, rt = rt ? per + 4 * span : NULL;
+            const float *col[5] = {scale + i * k, shift + i * k, b ? b_scale + i * k : NULL,
+                                   relu_scale ? relu_scale + i * k : NULL, relu_scale ? relu_shift + i * k : NULL};
+            if (span > k) {
+                repeat_columns(col, 5, k, span, per);
+                for (int v = 0; v < 5; v++) col[v] = col[v] ? per + v * span : NULL;
             }
+            const float *s = col[0], *t = col[1], *u = col[2];
             for (int64_t at = i * m * k, end = at + m * k; at < end; at += span) {
                 int64_t len = end - at < span ? end - at : span;
                 const float *x = a + at, *z = b ? b + at : NULL;
                 float *y = out + at;
-                if (rs) x = past_relu_of(x, z, rs, rt, per + 5 * span, len);
+                if (col[3]) x = past_relu_of(x, z, col[3], col[4], per + 5 * span, len);
                 if (z) {
                     #pragma omp simd
                     for (int64_t j = 0; j < len; j++) y[j] = x[j] * s[j] + z[j] * u[j] + t[j];
                 } else {
                     #pragma omp simd
-                    for (int64_t j = 0; j < len; j++) y[j] = x[j] * s[j] + t[j];
+                    for (int64_t j = 0; j < len; j++) y[j] = affine(x[j], s[j], t[j]);
                 }
                 add_residual(y, residual ? residual + at : NULL, len, relu);
             }
@@ -550,14 +564,12 @@ int outer_scale(const float *x, const float *a, const float *shift, const float 
    input gradient), where torch's batch norm, add and ReLU make 4 to 7 each way. The ReLU's mask
    is recomputed from x by the same expression that made the output (norm_value), so the
    backward reads no output; only with a residual, whose sum it cannot recompute, does it read
-   the output. Rows go in spans of norm_span_rows(c) rows, with every per-channel value repeated
-   along a span, so that each loop is a long unit-stride one whatever c is (a loop over one row of
-   16 channels ran at half the speed). Sums add into float lanes for NORM_CHUNK spans, then into
-   double, per thread, and the threads' sums are added in thread order. Everything per channel
-   is computed here too: from Python, each of those small tensor ops costs more than a pass over
-   ResNet-20's last-stage activations. */
+   the output. Rows go in spans of at least NORM_SPAN values (see span_rows). Sums add into float
+   lanes for NORM_CHUNK spans, then into double, per thread, and the threads' sums are added in
+   thread order. Everything per channel is computed here too: from Python, each of those small
+   tensor ops costs more than a pass over ResNet-20's last-stage activations. */
 #define NORM_CHUNK 16
-static inline int64_t norm_span_rows(int64_t c) { return c >= 256 ? 1 : 256 / c; }
+#define NORM_SPAN 256
 static inline float norm_value(float x, float mean, float scale, float shift) { return (x - mean) * scale + shift; }
 static void norm_scale(const float *weight, const float *invstd, int64_t c, float *scale) {
     for (int64_t j = 0; j < c; j++) scale[j] = weight[j] * invstd[j];
@@ -566,9 +578,7 @@ static void norm_scale(const float *weight, const float *invstd, int64_t c, floa
 /* Per-thread scratch: one span of floats per per-channel input (zeros for NULL), repeated. */
 static float *norm_scratch(int64_t c, int64_t span, const float *const *per_channel, int arrays) {
     float *s = malloc((size_t)(arrays * span) * sizeof(float));
-    if (!s) return NULL;
-    for (int a = 0; a < arrays; a++)
-        for (int64_t j = 0; j < span; j++) s[a * span + j] = per_channel[a] ? per_channel[a][j % c] : 0.0f;
+    if (s) repeat_columns(per_channel, arrays, c, span, s);
     return s;
 }
 
@@ -580,7 +590,7 @@ static float *norm_scratch(int64_t c, int64_t span, const float *const *per_chan
 static int norm_sums(const float *x, const float *dy, const float *out, const float *mean, const float *scale,
                      const float *shift, int relu, int64_t rows, int64_t c, float *g_out, double *sum_g,
                      double *sum_gx, int threads) {
-    int64_t span_rows = norm_span_rows(c), span = span_rows * c, spans = (rows + span_rows - 1) / span_rows;
+    int64_t rows_each = span_rows(c, NORM_SPAN), span = rows_each * c, spans = (rows + rows_each - 1) / rows_each;
     double *part = calloc((size_t)(2 * threads * span), sizeof(double));
     if (!part) return -1;
     int failed = 0;
@@ -597,7 +607,7 @@ static int norm_sums(const float *x, const float *dy, const float *out, const fl
         }
         for (int64_t b0 = spans * t / nt, end = spans * (t + 1) / nt; s && b0 < end; b0 += NORM_CHUNK) {
             for (int64_t b = b0; b < b0 + NORM_CHUNK && b < end; b++) {
-                int64_t at = b * span, len = b < spans - 1 ? span : (rows - b * span_rows) * c;
+                int64_t at = b * span, len = b < spans - 1 ? span : (rows - b * rows_each) * c;
                 const float *xr = x + at, *dr = dy ? dy + at : NULL, *yr = out ? out + at : NULL;
                 float *gr = g_out ? g_out + at : NULL;
                 if (!dr) {
@@ -650,7 +660,7 @@ static int norm_sums(const float *x, const float *dy, const float *out, const fl
 static int norm_apply(const float *x, const float *dy, const float *residual, const float *mean, const float *scale,
                       const float *shift, const float *dy_scale, const float *x_scale, const float *bias, int relu,
                       int64_t rows, int64_t c, float *out, int threads) {
-    int64_t span_rows = norm_span_rows(c), span = span_rows * c, spans = (rows + span_rows - 1) / span_rows;
+    int64_t rows_each = span_rows(c, NORM_SPAN), span = rows_each * c, spans = (rows + rows_each - 1) / rows_each;
     int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
@@ -664,7 +674,7 @@ static int norm_apply(const float *x, const float *dy, const float *residual, co
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < spans; b++) {
             if (!s) continue;
-            int64_t at = b * span, len = b < spans - 1 ? span : (rows - b * span_rows) * c;
+            int64_t at = b * span, len = b < spans - 1 ? span : (rows - b * rows_each) * c;
             const float *xr = x + at;
             float *yr = out + at;
             if (dy && relu) {
@@ -773,9 +783,9 @@ int ie_norm_forward(const double *sum_x, const double *sum_xx, int64_t n, int64_
                     const float *beta, const float *gate_w, const float *gate_b, double eps, float *running_mean,
                     float *running_var, double factor, float *scale, float *shift, float *mean, float *gate,
                     float *batch_mean, float *invstd) {
-    double *acc = calloc((size_t)(3 * c), sizeof(double)), *sum_mean = acc, *sum_var = acc + c, *sum_dev = acc + 2 * c;
-    double per_pixel = 1.0 / m;
+    double *acc = calloc((size_t)(3 * c), sizeof(double)), per_pixel = 1.0 / m;
     if (!acc) return -1;
+    double *sum_mean = acc, *sum_var = acc + c, *sum_dev = acc + 2 * c;
     for (int64_t i = 0; i < n; i++)
         for (int64_t j = 0; j < c; j++) {
             double mu = sum_x[i * c + j] * per_pixel, var = sum_xx[i * c + j] * per_pixel - mu * mu;

@@ -2,7 +2,8 @@
 
 Every gate module is ``x * attention(pool(x))``: pool over the pixels (a channel gate: SE, SPE,
 CBAM's first half) or over the channels (a spatial gate: CBAM's second half); IEBN is
-``x * scale + shift`` with both from each image's mean and variance. Written as torch ops, a
+``x * scale + shift`` with both from each image's mean and variance (where it trains through its
+own C path, modules/iebn.py, it calls the same kernels itself). Written as torch ops, a
 gate's training step makes five or six full passes over x beyond the plain block's (the pooling,
 the product, the product's two gradients, the pooling's gradient and their sum), and on the CPU
 those passes are its whole cost. gate() makes four when training on the CPU: one read pools (max,
@@ -241,7 +242,7 @@ def _rows(x: Tensor, layout: torch.memory_format, over: str) -> tuple[Tensor, bo
     """x (contiguous in `layout`) as a (N, M, K) view of its memory, and whether `over` is the
     last dim: channels_last is (N, H*W, C), NCHW (N, C, H*W)."""
     if layout == torch.channels_last:
-        return x.permute(0, 2, 3, 1).view(x.shape[0], -1, x.shape[1]), over == "channels"
+        return fused.pixel_rows(x), over == "channels"
     return x.view(x.shape[0], x.shape[1], -1), over == "pixels"
 
 

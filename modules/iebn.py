@@ -65,11 +65,6 @@ def _in_c(x: Tensor, residual: Tensor | None, params: tuple[Tensor, ...], *runni
             and (running[0] is None) == (running[1] is None) and channels_last_alike(x, residual))
 
 
-def _pixel_rows(t: Tensor | None) -> Tensor | None:
-    """A channels_last (N, C, H, W) tensor as the (N, H*W, C) rows of its memory."""
-    return None if t is None else t.permute(0, 2, 3, 1).view(t.shape[0], -1, t.shape[1])
-
-
 class _FusedIEBN(torch.autograd.Function):
     """relu(x * scale + shift + residual) in training, scale and shift per image and channel from
     x's per-image sums (one read), written in one pass; backward one read of dy and x for the
@@ -79,11 +74,11 @@ class _FusedIEBN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, residual: Tensor | None, relu: bool, eps: float,
                 running: tuple[Tensor, Tensor] | None, factor: float, *params: Tensor) -> Tensor:
-        rows = _pixel_rows(x)
+        rows = fused.pixel_rows(x)
         sum_x, sum_xx = fused.sums(rows, rows, False)
         scale, shift, *kept = fused.ie_norm_forward(sum_x, sum_xx, rows.shape[1], params, eps, running, factor)
         y = torch.empty_like(x)
-        fused.scale_rows(rows, False, scale, shift, _pixel_rows(y), residual=_pixel_rows(residual), relu=relu)
+        fused.scale_rows(rows, False, scale, shift, fused.pixel_rows(y), residual=fused.pixel_rows(residual), relu=relu)
         ctx.save_for_backward(x, y if relu and residual is not None else None, scale, shift, *kept, *params)
         ctx.relu = relu
         return y
@@ -93,17 +88,17 @@ class _FusedIEBN(torch.autograd.Function):
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, out, scale, shift, *saved = ctx.saved_tensors
         kept, params = saved[:4], saved[4:]
-        rows, dy = _pixel_rows(x), dy.contiguous(memory_format=torch.channels_last)
+        rows, dy = fused.pixel_rows(x), dy.contiguous(memory_format=torch.channels_last)
         # Past the ReLU: with a residual, masked by the output as the sums read dy, and written
         # out as dz (the residual's gradient too); without, masked by x * scale + shift > 0 where
         # dy is read, each time.
         dz = dy if out is None else torch.empty_like(dy)
         relu_of_x = (scale, shift) if ctx.relu and out is None else None
-        d_shift, d_scale = fused.sums(_pixel_rows(dy), rows, False, relu_out=_pixel_rows(out),
-                                      masked=_pixel_rows(dz) if out is not None else None, relu_of_b=relu_of_x)
+        d_shift, d_scale = fused.sums(fused.pixel_rows(dy), rows, False, relu_out=fused.pixel_rows(out),
+                                      masked=fused.pixel_rows(dz) if out is not None else None, relu_of_b=relu_of_x)
         dx_x, dx_shift, grads = fused.ie_norm_backward(d_scale, d_shift, rows.shape[1], kept, params)
         dx = torch.empty_like(x)
-        fused.scale_rows(_pixel_rows(dz), False, scale, dx_shift, _pixel_rows(dx), b=rows, b_scale=dx_x,
+        fused.scale_rows(fused.pixel_rows(dz), False, scale, dx_shift, fused.pixel_rows(dx), b=rows, b_scale=dx_x,
                          relu_of_b=relu_of_x)
         return dx, dz if ctx.needs_input_grad[1] else None, None, None, None, None, *grads
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from attnbench import fused, norm, pooling, registry, residual
+from attnbench import fused, norm, registry, residual
 from attnbench.train import keep_freed_memory
-from conftest import onednn_weight_grad
+from conftest import needs_kernels, onednn_weight_grad
 
 SHAPE = (128, 256, 8, 8)  # ResNet-164 stage 3 at batch 128
 
@@ -42,22 +42,23 @@ def test_gate_forward(benchmark: BenchmarkFixture, name: str) -> None:
 
 
 @pytest.mark.benchmark(group="gate-train-step")
-@pytest.mark.parametrize("path", ["fused", "torch-ops"])
+@pytest.mark.parametrize("path", [pytest.param("fused", marks=needs_kernels), "torch-ops"])
 @pytest.mark.parametrize("name", ["se", "cbam", "iebn", "spe"])
 def test_gate_train_step(benchmark: BenchmarkFixture, name: str, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Forward and backward of a module's work in channels_last, as the trainer runs it: the fused
-    CPU path of attnbench.pooling.gate side by side with the same gate as torch ops."""
+    CPU path (attnbench.pooling.gate's, IEBN's own) side by side with the same work as torch ops."""
     if path == "torch-ops":
-        monkeypatch.setattr(pooling, "_fusable", lambda *tensors: False)
+        monkeypatch.setattr(fused, "serves", lambda *tensors, params=(): False)
     module = module_work(name).train().to(memory_format=torch.channels_last)
     x, dy = (torch.randn(SHAPE).to(memory_format=torch.channels_last) for _ in range(2))
     x.requires_grad_()
     grads = benchmark(lambda: torch.autograd.grad(module(x), [x, *module.parameters()], dy))
     assert grads[0].shape == x.shape and all(g is not None for g in grads)
+    assert ("Fused" in type(module(x).grad_fn).__name__) == (path == "fused")
 
 
 @pytest.mark.benchmark(group="block-tail", warmup=True, warmup_iterations=3)
-@pytest.mark.parametrize("path", ["fused-tail", "torch-tail"])
+@pytest.mark.parametrize("path", [pytest.param("fused-tail", marks=needs_kernels), "torch-tail"])
 @pytest.mark.parametrize("name", ["none", "se", "cbam", "iebn", "spe"])
 def test_block_tail_train_step(benchmark: BenchmarkFixture, name: str, path: str) -> None:
     """Forward and backward of relu(work(x) + shortcut), the end of a post-activation block, at
@@ -83,7 +84,7 @@ def test_block_tail_train_step(benchmark: BenchmarkFixture, name: str, path: str
 
 
 @pytest.mark.benchmark(group="batch-norm", warmup=True, warmup_iterations=3)
-@pytest.mark.parametrize("path", ["kernels.c", "torch"])
+@pytest.mark.parametrize("path", [pytest.param("kernels.c", marks=needs_kernels), "torch"])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["relu", "residual-relu"])
 @pytest.mark.parametrize("channels, size", [(16, 32), (64, 8)], ids=["stage1", "stage3"])
 def test_batch_norm_train_step(benchmark: BenchmarkFixture, path: str, with_residual: bool, channels: int, size: int,
@@ -104,7 +105,7 @@ def test_batch_norm_train_step(benchmark: BenchmarkFixture, path: str, with_resi
 
 
 @pytest.mark.benchmark(group="conv-weight-grad")
-@pytest.mark.parametrize("path", ["kernels.c", "onednn"])
+@pytest.mark.parametrize("path", [pytest.param("kernels.c", marks=needs_kernels), "onednn"])
 @pytest.mark.parametrize("channels, size", [(16, 32), (64, 8)], ids=["stage1", "stage3"])
 def test_conv_weight_grad(benchmark: BenchmarkFixture, path: str, channels: int, size: int) -> None:
     """A CIFAR ResNet 3x3 conv's weight gradient at batch 128: attnbench.models.conv's C kernel

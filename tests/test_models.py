@@ -9,6 +9,7 @@ from torch.nn import functional as F
 from attnbench import registry
 from attnbench.errors import UserError
 from attnbench.models import build_model
+from conftest import needs_kernels
 
 # REFERENCE.md section 1 and 3: exact parameter counts of ResNet-164 (post-activation).
 BASE = {10: 1_704_154, 100: 1_727_284}
@@ -155,12 +156,14 @@ def test_conv_init_follows_the_originals():
     assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (9 * 64)), rel=0.05)
 
 
-@pytest.mark.parametrize("requires_grad", [True, False])  # the fused CPU path and the torch ops
-def test_iebn_keeps_its_digits_far_from_zero(requires_grad: bool) -> None:
+# IEBN's own C path, gate()'s fused one (NCHW), and the torch ops (no autograd)
+@pytest.mark.parametrize("layout, requires_grad", [(torch.channels_last, True), (torch.contiguous_format, True),
+                                                   (torch.contiguous_format, False)])
+def test_iebn_keeps_its_digits_far_from_zero(layout: torch.memory_format, requires_grad: bool) -> None:
     """Batch statistics from per-image means and variances, not E[x^2] - E[x]^2 in float32."""
     torch.manual_seed(4)
     norm = registry.get("iebn").make_norm(6, {})
-    x = (torch.randn(4, 6, 5, 5) + 600).requires_grad_(requires_grad)
+    x = (torch.randn(4, 6, 5, 5) + 600).contiguous(memory_format=layout).requires_grad_(requires_grad)
     expected = torch.nn.functional.batch_norm(x.detach(), None, None, training=True) / (1 + math.e)
     assert torch.allclose(norm(x), expected, atol=1e-3)
 
@@ -186,9 +189,11 @@ def _iebn_by_formula(norm, x: torch.Tensor, residual: torch.Tensor | None, relu:
     return torch.relu(y) if relu else y
 
 
+@needs_kernels
 @pytest.mark.usefixtures("kernels_built_unless_turned_off")
 @pytest.mark.parametrize("shape, offset", [((4, 6, 5, 5), 0.0), ((8, 16, 8, 8), 0.0), ((3, 24, 7, 9), 0.0),
-                                           ((2, 5, 1, 3), 0.0), ((4, 6, 5, 5), 600.0)])
+                                           ((2, 40, 4, 4), 0.0), ((2, 64, 3, 3), 0.0), ((2, 5, 1, 3), 0.0),
+                                           ((4, 6, 5, 5), 600.0)])
 @pytest.mark.parametrize("tail", ["none", "relu", "add", "add+relu"])
 def test_iebn_trains_in_c_as_its_formula(shape, offset, tail) -> None:
     """The C path (channels_last, training on the CPU) against the formula in float64 with
@@ -230,6 +235,7 @@ def test_iebn_trains_in_c_as_its_formula(shape, offset, tail) -> None:
     assert norm.num_batches_tracked == 1
 
 
+@needs_kernels
 @pytest.mark.usefixtures("kernels_built_unless_turned_off")
 def test_iebn_in_c_keeps_a_cumulative_average_or_none() -> None:
     """momentum=None: the running statistics are the plain average over the batches so far;

@@ -365,6 +365,7 @@ def test_an_attention_without_gradient_leaves_only_the_product() -> None:
     assert torch.equal(x.grad, torch.full_like(x, 0.5))
 
 
+@needs_kernels
 def test_inputs_the_kernels_cannot_take_use_torch_ops() -> None:
     empty = torch.zeros(2, 3, 0, 4, requires_grad=True)
     assert not pooling._fusable(empty, None)
@@ -416,6 +417,29 @@ def test_kernels_agree_with_torch(over_last: bool) -> None:
     expected.scatter_add_(dim, at_high.unsqueeze(dim), bump.unsqueeze(dim))
     expected.scatter_add_(dim, at_low.unsqueeze(dim), 2 * bump.unsqueeze(dim))
     assert torch.allclose(out, expected, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("k", [3, 17, 40, 64, 100])  # spans of several rows, and of one (k >= 33)
+def test_a_relu_recomputed_from_b_masks_as_the_forward_wrote_it(k: int) -> None:
+    """relu_of_b (IEBN's backward without a residual) gives, bit for bit, the sums and the write
+    that reading the forward's output gives, also where b * scale + shift is within an ulp of 0."""
+    b, a = _distinct((2, 37, k)), _distinct((2, 37, k), seed=1)
+    s, t, scale2, shift2, u = (_distinct((2, k), seed=seed) for seed in range(2, 7))
+    s /= 50
+    t[:, ::2] = -(b[:, 0, ::2] * s[:, ::2])  # row 0 at the ReLU's edge: 0 or an ulp off, by rounding
+    out = torch.empty_like(b)
+    fused.scale_rows(b, False, s, t, out, relu=True)
+    masked = torch.empty_like(a)
+    assert all(torch.equal(got, want) for got, want in zip(fused.sums(a, b, False, relu_of_b=(s, t)),
+                                                           fused.sums(a, b, False, relu_out=out, masked=masked)))
+    assert (out == 0).any() and (out > 0).any() and torch.equal(masked, torch.ops.aten.threshold_backward(a, out, 0))
+    recomputed, read = torch.empty_like(a), torch.empty_like(a)
+    fused.scale_rows(a, False, scale2, shift2, recomputed, b=b, b_scale=u, relu_of_b=(s, t))
+    fused.scale_rows(masked, False, scale2, shift2, read, b=b, b_scale=u)
+    assert torch.equal(recomputed, read)
+    with pytest.raises(ValueError, match="needs b, the middle dim"):
+        fused.sums(a, b, True, relu_of_b=(s, t))
 
 
 @needs_kernels
