@@ -30,6 +30,15 @@ static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v
 static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
 static inline void add8(float *p, v8 v) { store8(p, load8(p) + v); }
 
+/* Eight doubles, to add eight float lanes into double sums. */
+typedef double v8d __attribute__((vector_size(64)));
+static inline void add8d(double *p, v8 v) {
+    v8d d;
+    memcpy(&d, p, sizeof d);
+    d += __builtin_convertvector(v, v8d);
+    memcpy(p, &d, sizeof d);
+}
+
 /* Eight int32 lanes: the masks that comparisons of two v8 give, and positions to blend with them. */
 typedef int32_t v8i __attribute__((vector_size(32)));
 static inline v8i load8i(const int32_t *p) { v8i v; memcpy(&v, p, sizeof v); return v; }
@@ -230,25 +239,57 @@ static int64_t first_equal(const float *x, int32_t k, float v) {
     return at < k ? at : 0;
 }
 
-/* One row's update of running maxima (or minima, if low) per column and the rows they are at,
-   eight columns at a time with masks and no branch. Written as scalar `? :` under omp simd, GCC
-   12 emitted branches, which random data mispredicts: 2.2 ms against 0.43 ms for one max and its
-   positions over (128, 64, 256) on one AVX2 core; testing for any change before writing (branchy
-   again) took 1.5 ms. */
-static inline void running_extreme(const float *y, float *ext, int32_t *best, int64_t k, int32_t row, int low) {
-    int64_t j = 0;
-    v8i rows = (v8i){0} + row;
-    for (; j + 8 <= k; j += 8) {
-        v8 v = load8(y + j), e = load8(ext + j);
-        v8i better = low ? v < e : v > e;
-        store8(ext + j, (v8)(((v8i)v & better) | ((v8i)e & ~better)));
-        store8i(best + j, (rows & better) | (load8i(best + j) & ~better));
+/* Rows r0..r1 (at most SUMS_CHUNK) of one image's rows of k values, x, at columns j0..j0 + 8:
+   the running max (hi), the min (lo, if low), the rows of their first occurrences, and (if c) the
+   rows' sums added into c's double sums, with the eight columns' running values in registers for
+   the chunk. Row by row over all k columns, with the running values in memory, the pass made 10
+   loads and 6 stores per eight values. Blends with masks, no branch: written as scalar `? :`
+   under omp simd, GCC 12 emitted branches, which random data mispredicts. */
+static void extremes_of_8(const float *x, int64_t k, int64_t j0, int32_t r0, int32_t r1, int low,
+                          struct column_sums *c, float *hi, int32_t *at_hi, float *lo, int32_t *at_lo) {
+    v8 h = load8(hi + j0), l = low ? load8(lo + j0) : h, la = {0}, lab = {0};
+    v8 x0 = c && c->squares ? load8(c->x0 + j0) : (v8){0};
+    v8i bh = load8i(at_hi + j0), bl = low ? load8i(at_lo + j0) : bh;
+    for (int32_t row = r0; row < r1; row++) {
+        v8 v = load8(x + row * k + j0);
+        v8i rows = (v8i){0} + row, up = v > h;
+        h = (v8)(((v8i)v & up) | ((v8i)h & ~up));
+        bh = (rows & up) | (bh & ~up);
+        if (low) {
+            v8i down = v < l;
+            l = (v8)(((v8i)v & down) | ((v8i)l & ~down));
+            bl = (rows & down) | (bl & ~down);
+        }
+        if (c) {
+            v8 d = v - x0;
+            la += d;
+            lab += d * d;
+        }
     }
-    for (; j < k; j++) {
-        int better = low ? y[j] < ext[j] : y[j] > ext[j];
-        ext[j] = better ? y[j] : ext[j];
-        best[j] = better ? row : best[j];
+    if (c) {
+        add8d(c->sum_a + j0, la);
+        add8d(c->sum_ab + j0, lab);
     }
+    store8(hi + j0, h);
+    store8i(at_hi + j0, bh);
+    if (low) {
+        store8(lo + j0, l);
+        store8i(at_lo + j0, bl);
+    }
+}
+
+/* extremes_of_8 for one column j, where fewer than eight are left. */
+static void extremes_of_1(const float *x, int64_t k, int64_t j, int32_t r0, int32_t r1, int low,
+                          struct column_sums *c, float *hi, int32_t *at_hi, float *lo, int32_t *at_lo) {
+    float la = 0.0f, lab = 0.0f, x0 = c && c->squares ? c->x0[j] : 0.0f;
+    for (int32_t row = r0; row < r1; row++) {
+        float v = x[row * k + j], d = v - x0;
+        if (v > hi[j]) hi[j] = v, at_hi[j] = row;
+        if (low && v < lo[j]) lo[j] = v, at_lo[j] = row;
+        la += d;
+        lab += d * d;
+    }
+    if (c) c->sum_a[j] += la, c->sum_ab[j] += lab;
 }
 
 /* Largest and (if low is not NULL) smallest value over the reduced dim, with the index of its
@@ -283,25 +324,27 @@ void extremes(const float *a, int64_t n, int64_t m, int64_t k, int over_last, fl
         return;
     }
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t i = 0; i < n; i++) {  /* over the middle dim: row after row, running values per column */
+    for (int64_t i = 0; i < n; i++) {  /* over the middle dim: a chunk of rows, eight columns at a time */
         const float *x = a + i * m * k;
         float *hi = high + i * k, *lo = low ? low + i * k : NULL;
-        int32_t *best = malloc(2 * k * sizeof(int32_t));  /* 32-bit, like the floats, to blend in the same lanes */
+        int32_t *best = calloc(2 * k, sizeof(int32_t));  /* 32-bit, like the floats, to blend in the same lanes */
         if (!best) abort();
         struct column_sums c = {0};
         if (total || squares) c = column_sums_start(x, m, k, k, squares != NULL);
+        struct column_sums *sums_of = total || squares ? &c : NULL;
         for (int64_t j = 0; j < k; j++) {
             hi[j] = x[j];
-            best[j] = best[k + j] = 0;
             if (lo) lo[j] = x[j];
         }
-        for (int32_t row = 0; row < m; row++) {
-            const float *y = x + row * k;
-            running_extreme(y, hi, best, k, row, 0);
-            if (lo) running_extreme(y, lo, best + k, k, row, 1);
-            if (total || squares) column_sums_add(&c, y, NULL, 1, k);
+        for (int32_t r0 = 0; r0 < m; r0 += SUMS_CHUNK) {
+            int32_t r1 = m - r0 < SUMS_CHUNK ? (int32_t)m : r0 + SUMS_CHUNK;
+            for (int64_t q = (int64_t)r1 * k; q < (r1 + SUMS_CHUNK < m ? r1 + SUMS_CHUNK : m) * k; q += 16)
+                __builtin_prefetch(x + q);  /* the next chunk, which the column order hides from the prefetcher */
+            int64_t j = 0;
+            for (; j + 8 <= k; j += 8) extremes_of_8(x, k, j, r0, r1, lo != NULL, sums_of, hi, best, lo, best + k);
+            for (; j < k; j++) extremes_of_1(x, k, j, r0, r1, lo != NULL, sums_of, hi, best, lo, best + k);
         }
-        if (total || squares) column_sums_end(&c, total ? total + i * k : NULL, squares ? squares + i * k : NULL, m);
+        if (sums_of) column_sums_end(&c, total ? total + i * k : NULL, squares ? squares + i * k : NULL, m);
         for (int64_t j = 0; j < k; j++) {
             at_high[i * k + j] = best[j];
             if (lo) at_low[i * k + j] = best[k + j];
