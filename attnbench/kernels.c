@@ -79,12 +79,12 @@ static inline float affine(float x, float s, float t) { return x * s + t; }
 /* Running sums per column over one image's rows (the middle dim), in float lanes added into
    double every SUMS_CHUNK adds: accumulating every element in double made the pass compute-bound
    (13-19 GB/s against torch's 30-50 for a plain sum). The lanes hold a span of whole rows, so
-   callers may add several rows at once, and each column's lanes are added together at the end.
-   For a sum of squares
-   (squares: a variance) the lanes sum x - x0 and its square, x0 the mean of the image's first
-   SUMS_CHUNK rows (a single row may lie far out: a zero-padded conv's corner), shifted back in
-   double at the end, so that E[x^2] - E[x]^2 formed from the results keeps its digits for a
-   large mean. */
+   callers may add several rows at once, and each column's lanes are added together at the end
+   (extremes() keeps its lanes in registers and adds them into the double sums itself). For a
+   sum of squares (squares: a variance) the lanes sum x - x0 and its square, x0 the mean of the
+   image's first SUMS_CHUNK rows (a single row may lie far out: a zero-padded conv's corner),
+   shifted back in double at the end, so that E[x^2] - E[x]^2 formed from the results keeps its
+   digits for a large mean. */
 #define SUMS_CHUNK 16
 struct column_sums {
     int64_t k, span, adds;
@@ -239,7 +239,8 @@ static int64_t first_equal(const float *x, int32_t k, float v) {
     return at < k ? at : 0;
 }
 
-/* Rows r0..r1 (at most SUMS_CHUNK) of one image's rows of k values, x, at columns j0..j0 + 8:
+/* Rows r0..r1 (at most SUMS_CHUNK, so a lane holds as many values as column_sums' do) of one
+   image's rows of k values, x, at columns j0..j0 + 8:
    the running max (hi), the min (lo, if low), the rows of their first occurrences, and (if c) the
    rows' sums added into c's double sums, with the eight columns' running values in registers for
    the chunk. Row by row over all k columns, with the running values in memory, the pass made 10
@@ -263,7 +264,7 @@ static void extremes_of_8(const float *x, int64_t k, int64_t j0, int32_t r0, int
         if (c) {
             v8 d = v - x0;
             la += d;
-            lab += d * d;
+            if (c->squares) lab += d * d;
         }
     }
     if (c) {
@@ -278,17 +279,21 @@ static void extremes_of_8(const float *x, int64_t k, int64_t j0, int32_t r0, int
     }
 }
 
-/* extremes_of_8 for one column j, where fewer than eight are left. */
+/* extremes_of_8 for one column j, where fewer than eight are left (the same updates, which must
+   stay in step with it: strict comparisons, sums about x0 with squares). */
 static void extremes_of_1(const float *x, int64_t k, int64_t j, int32_t r0, int32_t r1, int low,
                           struct column_sums *c, float *hi, int32_t *at_hi, float *lo, int32_t *at_lo) {
-    float la = 0.0f, lab = 0.0f, x0 = c && c->squares ? c->x0[j] : 0.0f;
+    float h = hi[j], l = low ? lo[j] : 0.0f, la = 0.0f, lab = 0.0f, x0 = c && c->squares ? c->x0[j] : 0.0f;
+    int32_t bh = at_hi[j], bl = low ? at_lo[j] : 0;
     for (int32_t row = r0; row < r1; row++) {
         float v = x[row * k + j], d = v - x0;
-        if (v > hi[j]) hi[j] = v, at_hi[j] = row;
-        if (low && v < lo[j]) lo[j] = v, at_lo[j] = row;
+        if (v > h) h = v, bh = row;
+        if (low && v < l) l = v, bl = row;
         la += d;
         lab += d * d;
     }
+    hi[j] = h, at_hi[j] = bh;
+    if (low) lo[j] = l, at_lo[j] = bl;
     if (c) c->sum_a[j] += la, c->sum_ab[j] += lab;
 }
 
@@ -331,20 +336,24 @@ void extremes(const float *a, int64_t n, int64_t m, int64_t k, int over_last, fl
         if (!best) abort();
         struct column_sums c = {0};
         if (total || squares) c = column_sums_start(x, m, k, k, squares != NULL);
-        struct column_sums *sums_of = total || squares ? &c : NULL;
+        struct column_sums *col_sums = total || squares ? &c : NULL;
         for (int64_t j = 0; j < k; j++) {
             hi[j] = x[j];
             if (lo) lo[j] = x[j];
         }
-        for (int32_t r0 = 0; r0 < m; r0 += SUMS_CHUNK) {
-            int32_t r1 = m - r0 < SUMS_CHUNK ? (int32_t)m : r0 + SUMS_CHUNK;
-            for (int64_t q = (int64_t)r1 * k; q < (r1 + SUMS_CHUNK < m ? r1 + SUMS_CHUNK : m) * k; q += 16)
+        /* rows per chunk: SUMS_CHUNK, or fewer where that many rows would not stay in L1 */
+        int64_t chunk = 4096 / k < 1 ? 1 : 4096 / k < SUMS_CHUNK ? 4096 / k : SUMS_CHUNK;
+        for (int64_t r0 = 0; r0 < m; r0 += chunk) {
+            int64_t r1 = m - r0 < chunk ? m : r0 + chunk, next_end = (m - r1 < chunk ? m : r1 + chunk) * k;
+            for (int64_t q = r1 * k; q < next_end; q += 16)
                 __builtin_prefetch(x + q);  /* the next chunk, which the column order hides from the prefetcher */
             int64_t j = 0;
-            for (; j + 8 <= k; j += 8) extremes_of_8(x, k, j, r0, r1, lo != NULL, sums_of, hi, best, lo, best + k);
-            for (; j < k; j++) extremes_of_1(x, k, j, r0, r1, lo != NULL, sums_of, hi, best, lo, best + k);
+            for (; j + 8 <= k; j += 8)
+                extremes_of_8(x, k, j, (int32_t)r0, (int32_t)r1, lo != NULL, col_sums, hi, best, lo, best + k);
+            for (; j < k; j++)
+                extremes_of_1(x, k, j, (int32_t)r0, (int32_t)r1, lo != NULL, col_sums, hi, best, lo, best + k);
         }
-        if (sums_of) column_sums_end(&c, total ? total + i * k : NULL, squares ? squares + i * k : NULL, m);
+        if (col_sums) column_sums_end(&c, total ? total + i * k : NULL, squares ? squares + i * k : NULL, m);
         for (int64_t j = 0; j < k; j++) {
             at_high[i * k + j] = best[j];
             if (lo) at_low[i * k + j] = best[k + j];
@@ -462,7 +471,7 @@ int scale_rows(const float *a, int64_t n, int64_t m, int64_t k, int over_last, c
                 }
                 add_residual(y, residual ? residual + from : NULL, len, relu);
             }
-            if (add_column_peaks(out, i, m, k, peaks, at, add)) {  /* on top */
+            if (add_column_peaks(out, i, m, k, peaks, at, add)) {  /* after the image's rows are written */
                 #pragma omp atomic write
                 bad = 1;
             }
@@ -564,8 +573,9 @@ int outer_col_sums(const float *dy, const float *x, const float *s, const float 
    s (t, u, xb and the peaks NULL; shift, the channel gate's, may be NULL), plus residual (if not
    NULL) and through a ReLU (if relu). Backward, from dy: the gradient of y1 (as in
    outer_col_sums) times a, plus the channel gate's mean (u), variance (u and xb, which is x, times
-   xb_scale) and max or min (the column peaks) pooling gradients. Returns -1 if a position is out
-   of range. */
+   xb_scale) and max or min (the column peaks) pooling gradients. Threads take whole images, so
+   each adds its images' column peaks while their rows are in cache (with fewer images than
+   threads, some idle). Returns -1 if a position is out of range. */
 int outer_scale(const float *x, const float *a, const float *shift, const float *s, const float *t, const float *u,
                 const int64_t *row_at, const float *row_peak, const float *xb, const float *xb_scale, int col_peaks,
                 const int64_t *const *col_at, const float *const *col_peak, const float *residual, int relu,
