@@ -290,7 +290,7 @@ static void extremes_of_1(const float *x, int64_t k, int64_t j, int32_t r0, int3
         if (v > h) h = v, bh = row;
         if (low && v < l) l = v, bl = row;
         la += d;
-        lab += d * d;
+        if (c && c->squares) lab += d * d;
     }
     hi[j] = h, at_hi[j] = bh;
     if (low) lo[j] = l, at_lo[j] = bl;
@@ -849,6 +849,7 @@ int ie_norm_forward(const double *sum_x, const double *sum_xx, int64_t n, int64_
     for (int64_t i = 0; i < n; i++)
         for (int64_t j = 0; j < c; j++) {
             double mu = sum_x[i * c + j] * per_pixel, var = sum_xx[i * c + j] * per_pixel - mu * mu;
+            mean[i * c + j] = (float)mu;
             sum_mean[j] += mu;
             sum_var[j] += var > 0.0 ? var : 0.0;
         }
@@ -866,7 +867,6 @@ int ie_norm_forward(const double *sum_x, const double *sum_xx, int64_t n, int64_
             running_var[j] += (float)(factor * (bv * (n * m) / (n * m - 1) - running_var[j]));
         }
     }
-    for (int64_t r = 0; r < n * c; r++) mean[r] = (float)(sum_x[r] * per_pixel);
     for (int64_t i = 0; i < n; i++)
         for (int64_t j = 0; j < c; j++) {
             int64_t r = i * c + j;
@@ -881,7 +881,11 @@ int ie_norm_forward(const double *sum_x, const double *sum_xx, int64_t n, int64_
 
 /* Its backward, from the per-image sums over the pixels of dz * x (d_scale) and dz (d_shift), dz
    the gradient at y: the parameters' gradients, and dx = dz * scale + x * dx_x + dx_shift, whose
-   two per-image terms come from the gradients of each image's mean and variance. */
+   two per-image terms come from the gradients of each image's mean and variance (dx_x depends on
+   the channel only; it is per image and channel because scale_rows takes it so). */
+static inline double ie_gate_input_grad(double q, double gamma, double invstd, double g) {
+    return q * gamma * invstd * g * (1.0 - g);  /* d/dz of the scale gamma * sigmoid(z) * invstd */
+}
 int ie_norm_backward(const double *d_scale, const double *d_shift, int64_t n, int64_t c, int64_t m,
                      const float *mean, const float *gate, const float *batch_mean, const float *invstd,
                      const float *gamma, const float *gate_w, float *dx_shift, float *dx_x, float *d_gamma,
@@ -893,14 +897,13 @@ int ie_norm_backward(const double *d_scale, const double *d_shift, int64_t n, in
         for (int64_t j = 0; j < c; j++) {
             int64_t r = i * c + j;
             double g = gate[r], q = d_scale[r] - batch_mean[j] * d_shift[r];  /* shift = beta - batch_mean * scale */
-            double d_z = q * gamma[j] * invstd[j] * g * (1.0 - g);  /* at the gate's input */
+            double d_z = ie_gate_input_grad(q, gamma[j], invstd[j], g);
             dg[j] += q * g * invstd[j];
             db[j] += d_shift[r];
             d_bm[j] -= d_shift[r] * gamma[j] * g * invstd[j];
             d_is[j] += q * gamma[j] * g;
             dw[j] += d_z * mean[r];
             dgb[j] += d_z;
-            dx_shift[r] = (float)(d_z * gate_w[j]);  /* the gate's part of the mean's gradient, for now */
         }
     for (int64_t j = 0; j < c; j++) {
         d_gamma[j] = (float)dg[j];
@@ -912,7 +915,9 @@ int ie_norm_backward(const double *d_scale, const double *d_shift, int64_t n, in
     for (int64_t i = 0; i < n; i++)
         for (int64_t j = 0; j < c; j++) {
             int64_t r = i * c + j;
-            double d_mean = dx_shift[r] + (d_bm[j] + 2.0 * d_is[j] * (mean[r] - batch_mean[j])) / n;
+            double q = d_scale[r] - batch_mean[j] * d_shift[r];
+            double d_mean = ie_gate_input_grad(q, gamma[j], invstd[j], gate[r]) * gate_w[j]
+                            + (d_bm[j] + 2.0 * d_is[j] * (mean[r] - batch_mean[j])) / n;
             double x_factor = 2.0 * d_is[j] / n / m;  /* the per-image variance's gradient is the batch's / n */
             dx_x[r] = (float)x_factor;
             dx_shift[r] = (float)(d_mean / m - mean[r] * x_factor);

@@ -44,11 +44,8 @@ class BatchNorm2d(nn.BatchNorm2d):
     def _trains_in_c(self, x: Tensor) -> bool:
         """Training, affine, with all running buffers or none, more than one value per channel,
         weights the C kernels serve. Else torch's forward, which raises where it should."""
-        buffers = (self.running_mean, self.running_var, self.num_batches_tracked)
-        running = [buffer for buffer in buffers[:2] if buffer is not None]
         return (self.training and self.affine and x.dim() == 4 and x.numel() > x.shape[1]
-                and all((buffer is not None) == self.track_running_stats for buffer in buffers)
-                and fused.serves(params=(self.weight, self.bias, *running)))
+                and running_buffers_in_step(self) and fused.serves(params=(self.weight, self.bias, *running(self))))
 
     def _fusable(self, x: Tensor, residual: Tensor | None) -> bool:
         """_trains_in_c, on tensors the C kernels serve (channels_last, the residual alike).
@@ -78,6 +75,18 @@ def batch_statistics(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Ten
             unbiased = batch_var.detach().flatten() * per_channel / (per_channel - 1)
             bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
     return batch_mean, batch_var
+
+
+def running_buffers_in_step(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    """All of bn's running buffers (mean, variance, batch count) there if it tracks running
+    statistics, none if not: what the C kernels, which update them in place, rely on."""
+    buffers = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
+    return all((buffer is not None) == bn.track_running_stats for buffer in buffers)
+
+
+def running(bn: nn.modules.batchnorm._BatchNorm) -> list[Tensor]:
+    """bn's running mean and variance, where it has them."""
+    return [buffer for buffer in (bn.running_mean, bn.running_var) if buffer is not None]
 
 
 def running_update(bn: nn.modules.batchnorm._BatchNorm) -> tuple[tuple[Tensor, Tensor] | None, float]:

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from attnbench import fused
-from attnbench.norm import batch_statistics, channels_last_alike, running_update
+from attnbench.norm import batch_statistics, channels_last_alike, running, running_buffers_in_step, running_update
 from attnbench.pooling import gate
 from attnbench.registry import register
 
@@ -41,7 +41,10 @@ class IEBatchNorm2d(nn.BatchNorm2d):
         if batch_stats and per_channel == 1:
             raise ValueError(f"IEBN needs more than 1 value per channel to normalise a batch, got input {tuple(x.shape)}")
         params = (self.gamma, self.beta, self.gate_weight, self.gate_bias)
-        if self.training and _in_c(x, residual, params, self.running_mean, self.running_var):
+        # the C path: training, on what the kernels serve, channels_last (serves() first: under
+        # vmap, asking for the layout raises)
+        if (self.training and running_buffers_in_step(self)
+                and fused.serves(x, residual, params=(*params, *running(self))) and channels_last_alike(x, residual)):
             return _FusedIEBN.apply(x, residual, relu, self.eps, *running_update(self), *params)
         pools = ["mean", "var"] if batch_stats else ["mean"]
         return gate(x, pools, partial(self.scale_and_shift, per_channel=per_channel), residual=residual, relu=relu)
@@ -56,13 +59,6 @@ class IEBatchNorm2d(nn.BatchNorm2d):
         s = torch.sigmoid(mean * self.gate_weight + self.gate_bias)
         scale = self.gamma * s * torch.rsqrt(batch_var + self.eps)
         return scale, self.beta - batch_mean * scale
-
-
-def _in_c(x: Tensor, residual: Tensor | None, params: tuple[Tensor, ...], *running: Tensor | None) -> bool:
-    """Whether _FusedIEBN serves: what the C kernels serve, in channels_last (the residual alike),
-    with both running statistics or neither."""
-    return (fused.serves(x, residual, params=(*params, *(t for t in running if t is not None)))
-            and (running[0] is None) == (running[1] is None) and channels_last_alike(x, residual))
 
 
 class _FusedIEBN(torch.autograd.Function):

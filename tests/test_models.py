@@ -1,5 +1,6 @@
 """Backbones and the five seed modules against REFERENCE.md sections 1 and 3."""
 
+import copy
 import math
 
 import pytest
@@ -251,7 +252,14 @@ def test_iebn_in_c_keeps_a_cumulative_average_or_none() -> None:
     assert torch.allclose(norm.running_mean.double(), both.mean(dim=(1, 3, 4)).mean(0), rtol=1e-6)
     assert torch.allclose(norm.running_var.double(), both.var(dim=(1, 3, 4)).mean(0), rtol=1e-6)
     untracked = module(6)
-    untracked.track_running_stats, untracked.running_mean, untracked.running_var = False, None, None
-    y = untracked(batches[0])
+    untracked.track_running_stats = False
+    untracked.running_mean = untracked.running_var = untracked.num_batches_tracked = None
+    x = batches[0].detach().requires_grad_()
+    y = untracked(x)
     assert type(y.grad_fn).__name__ == "_FusedIEBNBackward"
-    assert torch.allclose(y, _iebn_by_formula(untracked, batches[0], None, False), atol=1e-5)
+    y.backward(torch.arange(y.numel(), dtype=torch.float32).view_as(y) / y.numel())
+    x_ref = x.detach().double().requires_grad_()
+    y_ref = _iebn_by_formula(copy.deepcopy(untracked).double(), x_ref, None, False)
+    y_ref.backward(torch.arange(y.numel(), dtype=torch.float64).view_as(y_ref) / y.numel())
+    assert torch.allclose(y.double(), y_ref, atol=1e-5)
+    assert (x.grad.double() - x_ref.grad).norm() <= 1e-5 * x_ref.grad.norm()
