@@ -99,6 +99,8 @@ def library() -> ctypes.CDLL | None:
         lib.norm_backward.argtypes = [p, p, p, p, p, p, p, i32, i64, i64, p, p, p, p, i32]
         lib.ie_norm_forward.argtypes = [p, p, i64, i64, i64, p, p, p, p, f64, p, p, f64, p, p, p, p, p, p]
         lib.ie_norm_backward.argtypes = [p, p, i64, i64, i64, *[p] * 12]
+        lib.fold_forward.argtypes = [p, p, p, p, i64, i64, i64, p, p, f64, p, p, f64, *[p] * 8]
+        lib.fold_backward.argtypes = [*[p] * 10, i64, i64, *[p] * 10]
     except (OSError, AttributeError) as exc:
         return _fall_back(f"cannot load {path} ({exc}); delete it to rebuild")
     return lib
@@ -440,6 +442,59 @@ def ie_norm_backward(d_scale: Tensor, d_shift: Tensor, pixels: int, kept: Sequen
                                    *(t.data_ptr() for t in operands)):
         raise MemoryError("ie_norm_backward: out of memory for its sums")
     return dx_x, dx_shift, [g.view_as(p) for g, p in zip(grads, params)]
+
+
+# A batch norm folded into the gate after it (attnbench/pooling.py, _AfterNorm); see kernels.c.
+
+FOLD_POOLS = ("mean", "var", "max", "min")
+
+
+def fold_forward(pools: dict[str, Tensor], pixels: int, weight: Tensor, bias: Tensor, eps: float,
+                 running: tuple[Tensor, Tensor] | None, factor: float,
+                 wanted: Sequence[str]) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+    """From x's pools per image and channel over `pixels` pixels ("mean", "var" and, for y's
+    max or min, "max" and "min"; N x C values each) and the norm's weight and bias: (a, b,
+    batch_mean, invstd), C values each, with y = x * a + b the norm's output, and the `wanted`
+    pools of y, (N, C) each; the running (mean, variance), if given, moved by `factor`."""
+    if not set(wanted) <= set(FOLD_POOLS) or {"mean", "var"} - set(pools) or \
+            ({"max", "min"} & set(wanted) and {"max", "min"} - set(pools)):
+        raise ValueError(f"fold_forward: y's {list(wanted)} need x's mean and var (and max and min for y's), "
+                         f"got x's {list(pools)}")
+    n, c = pools["mean"].shape[0], weight.numel()
+    x_pools = [_per(pools.get(p), [n, c]) for p in FOLD_POOLS]
+    weight, bias = _per(weight, [c]), _per(bias, [c])
+    running = _both_or_neither(running, "fold_forward")
+    _per_channel(c, *running)
+    if pixels < 1 or n * pixels < 2:
+        raise ValueError(f"batch norm needs more than 1 value per channel, got {n} images of {pixels} pixels")
+    a, b, batch_mean, invstd = (torch.empty(c) for _ in range(4))
+    of_y = {p: torch.empty(n, c) for p in wanted}
+    if _library().fold_forward(*(_ptr(t) for t in x_pools), n, c, pixels, weight.data_ptr(), bias.data_ptr(), eps,
+                               *(_ptr(t) for t in running), factor, a.data_ptr(), b.data_ptr(), batch_mean.data_ptr(),
+                               invstd.data_ptr(), *(_ptr(of_y.get(p)) for p in FOLD_POOLS)):
+        raise MemoryError("fold_forward: out of memory for its sums")
+    return a, b, batch_mean, invstd, [of_y[p] for p in wanted]
+
+
+def fold_backward(d_a: Tensor, d_b: Tensor, d_of_y: dict[str, Tensor], pools: dict[str, Tensor], weight: Tensor,
+                  kept: Sequence[Tensor]) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """fold_forward's backward, from the gradients of a, b and of y's pools (by name, those it
+    made), with x's pools and the weight as given to it and kept = (a, batch_mean, invstd) from
+    it: (the gradients of x's pools by name, of the weight, of the bias)."""
+    n, c = pools["mean"].shape[0], weight.numel()
+    if set(d_of_y) - set(FOLD_POOLS) or ({"max", "min"} & set(d_of_y) and {"max", "min"} - set(pools)):
+        raise ValueError(f"fold_backward: gradients of y's {list(d_of_y)} for x's pools {list(pools)}")
+    x_pools = [_per(pools.get(p), [n, c]) for p in FOLD_POOLS]
+    d_y = [_per(d_of_y.get(p), [n, c]) for p in FOLD_POOLS]
+    a, batch_mean, invstd = (_per(t, [c]) for t in kept)
+    grads = {p: torch.empty(n, c) for p in FOLD_POOLS if p in pools}
+    d_weight, d_bias = torch.empty(c), torch.empty(c)
+    if _library().fold_backward(_per(d_a, [c]).data_ptr(), _per(d_b, [c]).data_ptr(), *(_ptr(t) for t in d_y),
+                                *(_ptr(t) for t in x_pools), n, c, _per(weight, [c]).data_ptr(), a.data_ptr(),
+                                batch_mean.data_ptr(), invstd.data_ptr(), *(_ptr(grads.get(p)) for p in FOLD_POOLS),
+                                d_weight.data_ptr(), d_bias.data_ptr()):
+        raise MemoryError("fold_backward: out of memory for its sums")
+    return grads, d_weight, d_bias
 
 
 def _dense(layout: torch.memory_format, *tensors: Tensor) -> None:

@@ -7,7 +7,8 @@
    Batch norm: norm_forward and norm_backward, a training step's batch norm over a channels_last
    activation with the ReLU after it (and a block's residual add), two passes each way; and
    ie_norm_forward and ie_norm_backward, the per-channel math of IEBN (modules/iebn.py), whose
-   passes are the gates' sums and scale_rows.
+   passes are the gates' sums and scale_rows; fold_forward and fold_backward, that of a batch
+   norm folded into the gate after it (attnbench/pooling.py).
    Convolutions: conv_weight_grad, the weight gradient of the CIFAR ResNets' 16-64 channel convs,
    which oneDNN computes in 1.2-1.4x the time; conv_same and conv_same_weight_grad, a direct
    loop for convs with a handful of channels, where oneDNN is slower still.
@@ -766,6 +767,14 @@ static int norm_apply(const float *x, const float *dy, const float *residual, co
     return failed ? -1 : 0;
 }
 
+/* Moves channel j's running averages by `factor` towards a batch's mean and its variance, made
+   unbiased over the `count` values it was taken over, as nn.BatchNorm2d does. */
+static inline void move_running(float *running_mean, float *running_var, int64_t j, double factor, double mean,
+                                double var, int64_t count) {
+    running_mean[j] += (float)(factor * (mean - running_mean[j]));
+    running_var[j] += (float)(factor * (var * count / (count - 1) - running_var[j]));
+}
+
 /* A training step's batch norm: from the batch's statistics, mean and invstd (kept for the
    backward), the running averages moved by `factor` towards the mean and the unbiased variance
    (if running_mean is not NULL; running_var with it), and out = relu(weight * (x - mean) * invstd
@@ -792,10 +801,7 @@ int norm_forward(const float *x, const float *weight, const float *bias, double 
         var = var > 0.0 ? var : 0.0;
         mean[j] = (float)(shift[j] + offset);
         invstd[j] = (float)(1.0 / sqrt(var + eps));
-        if (running_mean) {
-            running_mean[j] += (float)(factor * (shift[j] + offset - running_mean[j]));
-            running_var[j] += (float)(factor * (var * rows / (rows - 1) - running_var[j]));
-        }
+        if (running_mean) move_running(running_mean, running_var, j, factor, shift[j] + offset, var, rows);
     }
     if (!failed) norm_scale(weight, invstd, c, scale);
     failed = failed || norm_apply(x, NULL, residual, mean, scale, bias, NULL, NULL, NULL, relu, rows, c, out, threads);
@@ -830,6 +836,21 @@ int norm_backward(const float *x, const float *dy, const float *out, const float
     return failed ? -1 : 0;
 }
 
+/* A batch's mean and invstd = 1 / sqrt(variance + eps) per channel, from the sums over its n
+   images (of m pixels each) of their means, variances and the squared deviations of their means
+   from the batch's: the variance is the mean of the variances plus the variance of the means.
+   Moves the running averages, if running_mean is not NULL. */
+static void batch_moments(const double *sum_mean, const double *sum_var, const double *sum_dev, int64_t n, int64_t c,
+                          int64_t m, double eps, float *running_mean, float *running_var, double factor,
+                          float *batch_mean, float *invstd) {
+    for (int64_t j = 0; j < c; j++) {
+        double bm = sum_mean[j] / n, bv = (sum_var[j] + sum_dev[j]) / n;
+        batch_mean[j] = (float)bm;
+        invstd[j] = (float)(1.0 / sqrt(bv + eps));
+        if (running_mean) move_running(running_mean, running_var, j, factor, bm, bv, n * m);
+    }
+}
+
 /* Instance-enhanced batch norm's per-channel math (modules/iebn.py), from the per-image sums that
    sums() takes of x: from Python, its 40-odd small tensor ops and their autograd cost about
    0.7 ms per layer, which over ResNet-164's 163 norms is 4-5% of a training step on the CPU.
@@ -858,15 +879,7 @@ int ie_norm_forward(const double *sum_x, const double *sum_xx, int64_t n, int64_
             double d = sum_x[i * c + j] * per_pixel - sum_mean[j] / n;
             sum_dev[j] += d * d;
         }
-    for (int64_t j = 0; j < c; j++) {
-        double bm = sum_mean[j] / n, bv = (sum_var[j] + sum_dev[j]) / n;
-        batch_mean[j] = (float)bm;
-        invstd[j] = (float)(1.0 / sqrt(bv + eps));
-        if (running_mean) {
-            running_mean[j] += (float)(factor * (bm - running_mean[j]));
-            running_var[j] += (float)(factor * (bv * (n * m) / (n * m - 1) - running_var[j]));
-        }
-    }
+    batch_moments(sum_mean, sum_var, sum_dev, n, c, m, eps, running_mean, running_var, factor, batch_mean, invstd);
     for (int64_t i = 0; i < n; i++)
         for (int64_t j = 0; j < c; j++) {
             int64_t r = i * c + j;
@@ -921,6 +934,102 @@ int ie_norm_backward(const double *d_scale, const double *d_shift, int64_t n, in
             double x_factor = 2.0 * d_is[j] / n / m;  /* the per-image variance's gradient is the batch's / n */
             dx_x[r] = (float)x_factor;
             dx_shift[r] = (float)(d_mean / m - mean[r] * x_factor);
+        }
+    free(acc);
+    return 0;
+}
+
+/* The gates' folded batch norm (attnbench/pooling.py, _AfterNorm). A gate after a training batch
+   norm y = x * a + b reads x, not y, so the norm's per-channel math runs on the pools of x per
+   image and channel (n x c, rows of c): the batch's statistics from the images' means and
+   variances (as IEBN's), a = weight * invstd, b = bias - batch_mean * a, and the pools of y
+   that the gate's attention takes (each where its output is not NULL): a * mean + b, a^2 * var,
+   and a max or min from x's max or min by the sign of a. high and low may be NULL where y's max
+   and min are not asked for. From Python these were ~20 small tensor ops and their autograd,
+   about 0.5 ms per gate whatever its size. */
+int fold_forward(const float *mean, const float *var, const float *high, const float *low, int64_t n, int64_t c,
+                 int64_t m, const float *weight, const float *bias, double eps, float *running_mean, float *running_var,
+                 double factor, float *a, float *b, float *batch_mean, float *invstd, float *y_mean, float *y_var,
+                 float *y_high, float *y_low) {
+    double *acc = calloc((size_t)(3 * c), sizeof(double));
+    if (!acc) return -1;
+    double *sum_mean = acc, *sum_var = acc + c, *sum_dev = acc + 2 * c;
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < c; j++) {
+            sum_mean[j] += mean[i * c + j];
+            sum_var[j] += var[i * c + j];
+        }
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < c; j++) {
+            double d = mean[i * c + j] - sum_mean[j] / n;
+            sum_dev[j] += d * d;
+        }
+    batch_moments(sum_mean, sum_var, sum_dev, n, c, m, eps, running_mean, running_var, factor, batch_mean, invstd);
+    for (int64_t j = 0; j < c; j++) {
+        a[j] = weight[j] * invstd[j];
+        b[j] = bias[j] - batch_mean[j] * a[j];
+    }
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < c; j++) {
+            int64_t r = i * c + j;
+            if (y_mean) y_mean[r] = a[j] * mean[r] + b[j];
+            if (y_var) y_var[r] = a[j] * a[j] * var[r];
+            if (y_high) y_high[r] = (a[j] >= 0.0f ? a[j] * high[r] : a[j] * low[r]) + b[j];
+            if (y_low) y_low[r] = (a[j] >= 0.0f ? a[j] * low[r] : a[j] * high[r]) + b[j];
+        }
+    free(acc);
+    return 0;
+}
+
+/* Its backward, from the gradients of a and b (c values) and of the pools of y (n x c; NULL
+   where the forward made none): the gradients of x's pools (d_high and d_low where high and low
+   were given) and of weight and bias. */
+int fold_backward(const float *d_a, const float *d_b, const float *d_y_mean, const float *d_y_var,
+                  const float *d_y_high, const float *d_y_low, const float *mean, const float *var, const float *high,
+                  const float *low, int64_t n, int64_t c, const float *weight, const float *a, const float *batch_mean,
+                  const float *invstd, float *d_mean, float *d_var, float *d_high, float *d_low, float *d_weight,
+                  float *d_bias) {
+    double *acc = malloc((size_t)(2 * c) * sizeof(double));
+    if (!acc) return -1;
+    double *da = acc, *db = acc + c;
+    for (int64_t j = 0; j < c; j++) {
+        da[j] = d_a[j];
+        db[j] = d_b[j];
+    }
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < c; j++) {
+            int64_t r = i * c + j;
+            int up = a[j] >= 0.0f;
+            if (d_y_mean) {
+                da[j] += (double)d_y_mean[r] * mean[r];
+                db[j] += d_y_mean[r];
+            }
+            if (d_y_var) da[j] += 2.0 * a[j] * var[r] * d_y_var[r];
+            if (d_y_high) {
+                da[j] += (double)d_y_high[r] * (up ? high[r] : low[r]);
+                db[j] += d_y_high[r];
+            }
+            if (d_y_low) {
+                da[j] += (double)d_y_low[r] * (up ? low[r] : high[r]);
+                db[j] += d_y_low[r];
+            }
+        }
+    for (int64_t j = 0; j < c; j++) {
+        da[j] -= batch_mean[j] * db[j];  /* b = bias - batch_mean * a */
+        d_bias[j] = (float)db[j];
+        d_weight[j] = (float)(da[j] * invstd[j]);
+        db[j] *= -a[j];  /* now the batch mean's gradient */
+        da[j] *= -0.5 * weight[j] * (double)invstd[j] * invstd[j] * invstd[j];  /* and the batch variance's */
+    }
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < c; j++) {
+            int64_t r = i * c + j;
+            double to_high = d_y_high ? (double)a[j] * d_y_high[r] : 0.0, to_low = d_y_low ? (double)a[j] * d_y_low[r] : 0.0;
+            d_mean[r] = (float)((d_y_mean ? (double)a[j] * d_y_mean[r] : 0.0)
+                                + (db[j] + 2.0 * da[j] * (mean[r] - batch_mean[j])) / n);
+            d_var[r] = (float)((d_y_var ? (double)a[j] * a[j] * d_y_var[r] : 0.0) + da[j] / n);
+            if (d_high) d_high[r] = (float)(a[j] >= 0.0f ? to_high : to_low);
+            if (d_low) d_low[r] = (float)(a[j] >= 0.0f ? to_low : to_high);
         }
     free(acc);
     return 0;

@@ -195,6 +195,60 @@ def test_a_batch_norm_before_a_gate_folds_into_it(pools, shift, case, momentum, 
     assert state["num_batches_tracked"] == 1
 
 
+def _folded_norm_formula(x_pools: dict[str, torch.Tensor], weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                         wanted: list[str]) -> tuple[torch.Tensor, ...]:
+    """The norm folded into a gate, as the torch ops it replaced: a, b and y's `wanted` pools from
+    x's pools per image, with the batch's mean and variance (for the running averages)."""
+    mean, var, high, low = (x_pools.get(p) for p in fused.FOLD_POOLS)
+    batch_mean, batch_var = mean.mean(0), var.mean(0) + mean.var(0, correction=0)
+    a = weight * (batch_var + eps).rsqrt()
+    b = bias - batch_mean * a
+    of_y = {"mean": lambda: a * mean + b, "var": lambda: a * a * var,
+            "max": lambda: torch.where(a >= 0, a * high, a * low) + b,
+            "min": lambda: torch.where(a >= 0, a * low, a * high) + b}
+    return a, b, batch_mean, batch_var, *(of_y[p]() for p in wanted)
+
+
+@needs_kernels
+@pytest.mark.parametrize("wanted", [["mean"], ["max", "min"], ["var", "max"], ["min", "mean"]], ids=str)
+def test_the_folded_norm_in_c_is_its_formula(wanted) -> None:
+    """fused.fold_forward and fold_backward against the formula in float64 with autograd: a, b,
+    y's pools, the running averages, and the gradients of x's pools and of weight and bias. The
+    weights take both signs and 0 (a max becomes a min where a < 0; at a = 0 it stays a max)."""
+    n, c, pixels, eps, factor = 5, 7, 9, 1e-5, 0.1
+    g = torch.Generator().manual_seed(8)
+    mean = torch.randn(n, c, generator=g) * 3
+    spread = torch.rand(n, c, generator=g) + 0.1
+    x_pools = {"mean": mean, "var": spread.square(), "max": mean + 2 * spread, "min": mean - spread}
+    if not {"max", "min"} & set(wanted):
+        x_pools = {p: x_pools[p] for p in ("mean", "var")}
+    weight = torch.tensor([1.5, -0.7, 0.0, 2.0, -1.2, 0.3, 1.0])
+    bias = torch.randn(c, generator=g)
+    running = torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5
+    moved = tuple(t.clone() for t in running)
+    a, b, batch_mean, invstd, of_y = fused.fold_forward(x_pools, pixels, weight, bias, eps, moved, factor, wanted)
+
+    leaves = {p: t.double().requires_grad_() for p, t in x_pools.items()}
+    params = [t.double().requires_grad_() for t in (weight, bias)]
+    a_ref, b_ref, mean_ref, var_ref, *of_y_ref = _folded_norm_formula(leaves, *params, eps, wanted)
+    for got, want in zip((a, b, batch_mean, invstd, *of_y), (a_ref, b_ref, mean_ref, (var_ref + eps).rsqrt(), *of_y_ref),
+                         strict=True):
+        assert got.dtype == torch.float32 and torch.allclose(got.double(), want, rtol=1e-6, atol=1e-6)
+    count = n * pixels
+    assert torch.allclose(moved[0].double(), running[0] + factor * (mean_ref - running[0]), atol=1e-6)
+    assert torch.allclose(moved[1].double(), running[1] + factor * (var_ref * count / (count - 1) - running[1]),
+                          atol=1e-6)
+
+    d_a, d_b = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    d_of_y = {p: torch.randn(n, c, generator=g) for p in wanted}
+    grads, d_weight, d_bias = fused.fold_backward(d_a, d_b, d_of_y, x_pools, weight, (a, batch_mean, invstd))
+    want = torch.autograd.grad([a_ref, b_ref, *of_y_ref], [*leaves.values(), *params],
+                               [t.double() for t in (d_a, d_b, *d_of_y.values())], allow_unused=True)
+    for got, ref in zip((*(grads[p] for p in leaves), d_weight, d_bias), want, strict=True):
+        ref = torch.zeros(got.shape, dtype=torch.float64) if ref is None else ref
+        assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-6)
+
+
 @needs_kernels
 def test_a_norm_that_cannot_fold_runs_before_the_gate() -> None:
     """In eval, without an affine map, as a subclass with its own forward, as another layer (a
