@@ -836,6 +836,17 @@ int norm_backward(const float *x, const float *dy, const float *out, const float
     return failed ? -1 : 0;
 }
 
+/* Over the n rows of c values of g (and x): dot[j] += the sum of g * x down column j, where dot
+   is not NULL, and sum[j] += the sum of g, where sum is not NULL; in double. */
+static void column_dots(const float *restrict g, const float *restrict x, int64_t n, int64_t c, double *restrict dot,
+                        double *restrict sum) {
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < c; j++) {
+            if (dot) dot[j] += (double)g[i * c + j] * x[i * c + j];
+            if (sum) sum[j] += g[i * c + j];
+        }
+}
+
 /* A batch's mean and invstd = 1 / sqrt(variance + eps) per channel, from the sums over its n
    images (of m pixels each) of their means, variances and the squared deviations of their means
    from the batch's: the variance is the mean of the variances plus the variance of the means.
@@ -864,9 +875,9 @@ int ie_norm_forward(const double *sum_x, const double *sum_xx, int64_t n, int64_
                     const float *beta, const float *gate_w, const float *gate_b, double eps, float *running_mean,
                     float *running_var, double factor, float *scale, float *shift, float *mean, float *gate,
                     float *batch_mean, float *invstd) {
-    double *acc = calloc((size_t)(3 * c), sizeof(double)), per_pixel = 1.0 / m;
+    double *acc = calloc((size_t)(4 * c), sizeof(double)), per_pixel = 1.0 / m;
     if (!acc) return -1;
-    double *sum_mean = acc, *sum_var = acc + c, *sum_dev = acc + 2 * c;
+    double *sum_mean = acc, *sum_var = acc + c, *sum_dev = acc + 2 * c, *center = acc + 3 * c;
     for (int64_t i = 0; i < n; i++)
         for (int64_t j = 0; j < c; j++) {
             double mu = sum_x[i * c + j] * per_pixel, var = sum_xx[i * c + j] * per_pixel - mu * mu;
@@ -874,9 +885,10 @@ int ie_norm_forward(const double *sum_x, const double *sum_xx, int64_t n, int64_
             sum_mean[j] += mu;
             sum_var[j] += var > 0.0 ? var : 0.0;
         }
+    for (int64_t j = 0; j < c; j++) center[j] = sum_mean[j] / n;
     for (int64_t i = 0; i < n; i++)
         for (int64_t j = 0; j < c; j++) {
-            double d = sum_x[i * c + j] * per_pixel - sum_mean[j] / n;
+            double d = sum_x[i * c + j] * per_pixel - center[j];
             sum_dev[j] += d * d;
         }
     batch_moments(sum_mean, sum_var, sum_dev, n, c, m, eps, running_mean, running_var, factor, batch_mean, invstd);
@@ -918,22 +930,25 @@ int ie_norm_backward(const double *d_scale, const double *d_shift, int64_t n, in
             dw[j] += d_z * mean[r];
             dgb[j] += d_z;
         }
+    double per_pixel = 1.0 / m;
     for (int64_t j = 0; j < c; j++) {
         d_gamma[j] = (float)dg[j];
         d_beta[j] = (float)db[j];
         d_gate_w[j] = (float)dw[j];
         d_gate_b[j] = (float)dgb[j];
-        d_is[j] *= -0.5 * (double)invstd[j] * invstd[j] * invstd[j];  /* now the batch variance's gradient */
+        double d_bv = -0.5 * (double)invstd[j] * invstd[j] * invstd[j] * d_is[j];  /* the batch variance's gradient */
+        d_bm[j] /= n;  /* the batch mean's and variance's gradients, shared out over the images */
+        d_is[j] = 2.0 * d_bv / n;
+        dg[j] = d_is[j] * per_pixel;  /* now dx's factor on x: the per-image variance's gradient is the batch's / n */
     }
     for (int64_t i = 0; i < n; i++)
         for (int64_t j = 0; j < c; j++) {
             int64_t r = i * c + j;
             double q = d_scale[r] - batch_mean[j] * d_shift[r];
             double d_mean = ie_gate_input_grad(q, gamma[j], invstd[j], gate[r]) * gate_w[j]
-                            + (d_bm[j] + 2.0 * d_is[j] * (mean[r] - batch_mean[j])) / n;
-            double x_factor = 2.0 * d_is[j] / n / m;  /* the per-image variance's gradient is the batch's / n */
-            dx_x[r] = (float)x_factor;
-            dx_shift[r] = (float)(d_mean / m - mean[r] * x_factor);
+                            + d_bm[j] + d_is[j] * (mean[r] - batch_mean[j]);
+            dx_x[r] = (float)dg[j];
+            dx_shift[r] = (float)(d_mean * per_pixel - mean[r] * dg[j]);
         }
     free(acc);
     return 0;
@@ -947,21 +962,21 @@ int ie_norm_backward(const double *d_scale, const double *d_shift, int64_t n, in
    and a max or min from x's max or min by the sign of a. high and low may be NULL where y's max
    and min are not asked for. From Python these were ~20 small tensor ops and their autograd,
    about 0.5 ms per gate whatever its size. */
-int fold_forward(const float *mean, const float *var, const float *high, const float *low, int64_t n, int64_t c,
-                 int64_t m, const float *weight, const float *bias, double eps, float *running_mean, float *running_var,
-                 double factor, float *a, float *b, float *batch_mean, float *invstd, float *y_mean, float *y_var,
-                 float *y_high, float *y_low) {
-    double *acc = calloc((size_t)(3 * c), sizeof(double));
+int fold_forward(const float *restrict mean, const float *restrict var, const float *restrict high,
+                 const float *restrict low, int64_t n, int64_t c, int64_t m, const float *restrict weight,
+                 const float *restrict bias, double eps, float *restrict running_mean, float *restrict running_var,
+                 double factor, float *restrict a, float *restrict b, float *restrict batch_mean,
+                 float *restrict invstd, float *restrict y_mean, float *restrict y_var, float *restrict y_high,
+                 float *restrict y_low) {
+    double *acc = calloc((size_t)(4 * c), sizeof(double));
     if (!acc) return -1;
-    double *sum_mean = acc, *sum_var = acc + c, *sum_dev = acc + 2 * c;
+    double *sum_mean = acc, *sum_var = acc + c, *sum_dev = acc + 2 * c, *center = acc + 3 * c;
+    column_dots(mean, NULL, n, c, NULL, sum_mean);
+    column_dots(var, NULL, n, c, NULL, sum_var);
+    for (int64_t j = 0; j < c; j++) center[j] = sum_mean[j] / n;
     for (int64_t i = 0; i < n; i++)
         for (int64_t j = 0; j < c; j++) {
-            sum_mean[j] += mean[i * c + j];
-            sum_var[j] += var[i * c + j];
-        }
-    for (int64_t i = 0; i < n; i++)
-        for (int64_t j = 0; j < c; j++) {
-            double d = mean[i * c + j] - sum_mean[j] / n;
+            double d = mean[i * c + j] - center[j];
             sum_dev[j] += d * d;
         }
     batch_moments(sum_mean, sum_var, sum_dev, n, c, m, eps, running_mean, running_var, factor, batch_mean, invstd);
@@ -969,13 +984,20 @@ int fold_forward(const float *mean, const float *var, const float *high, const f
         a[j] = weight[j] * invstd[j];
         b[j] = bias[j] - batch_mean[j] * a[j];
     }
-    for (int64_t i = 0; i < n; i++)
+    /* one loop per pool of y, each a plain vector loop */
+    for (int64_t i = 0; y_mean && i < n; i++)
+        for (int64_t j = 0; j < c; j++) y_mean[i * c + j] = a[j] * mean[i * c + j] + b[j];
+    for (int64_t i = 0; y_var && i < n; i++)
+        for (int64_t j = 0; j < c; j++) y_var[i * c + j] = a[j] * a[j] * var[i * c + j];
+    for (int64_t i = 0; y_high && i < n; i++)
         for (int64_t j = 0; j < c; j++) {
             int64_t r = i * c + j;
-            if (y_mean) y_mean[r] = a[j] * mean[r] + b[j];
-            if (y_var) y_var[r] = a[j] * a[j] * var[r];
-            if (y_high) y_high[r] = (a[j] >= 0.0f ? a[j] * high[r] : a[j] * low[r]) + b[j];
-            if (y_low) y_low[r] = (a[j] >= 0.0f ? a[j] * low[r] : a[j] * high[r]) + b[j];
+            y_high[r] = (a[j] >= 0.0f ? a[j] * high[r] : a[j] * low[r]) + b[j];
+        }
+    for (int64_t i = 0; y_low && i < n; i++)
+        for (int64_t j = 0; j < c; j++) {
+            int64_t r = i * c + j;
+            y_low[r] = (a[j] >= 0.0f ? a[j] * low[r] : a[j] * high[r]) + b[j];
         }
     free(acc);
     return 0;
@@ -983,53 +1005,58 @@ int fold_forward(const float *mean, const float *var, const float *high, const f
 
 /* Its backward, from the gradients of a and b (c values) and of the pools of y (n x c; NULL
    where the forward made none): the gradients of x's pools (d_high and d_low where high and low
-   were given) and of weight and bias. */
-int fold_backward(const float *d_a, const float *d_b, const float *d_y_mean, const float *d_y_var,
-                  const float *d_y_high, const float *d_y_low, const float *mean, const float *var, const float *high,
-                  const float *low, int64_t n, int64_t c, const float *weight, const float *a, const float *batch_mean,
-                  const float *invstd, float *d_mean, float *d_var, float *d_high, float *d_low, float *d_weight,
-                  float *d_bias) {
-    double *acc = malloc((size_t)(2 * c) * sizeof(double));
+   were given) and of weight and bias. Every loop over images and channels is a plain vector
+   loop: the per-channel factors are worked out first, with no division per element. */
+int fold_backward(const float *restrict d_a, const float *restrict d_b, const float *restrict d_y_mean,
+                  const float *restrict d_y_var, const float *restrict d_y_high, const float *restrict d_y_low,
+                  const float *restrict mean, const float *restrict var, const float *restrict high,
+                  const float *restrict low, int64_t n, int64_t c, const float *restrict weight,
+                  const float *restrict a, const float *restrict batch_mean, const float *restrict invstd,
+                  float *restrict d_mean, float *restrict d_var, float *restrict d_high, float *restrict d_low,
+                  float *restrict d_weight, float *restrict d_bias) {
+    double *acc = calloc((size_t)(7 * c), sizeof(double));
     if (!acc) return -1;
-    double *da = acc, *db = acc + c;
+    /* sums over the images: of the pools' gradients (to b), and of their products with x's pools
+       (to a; for y's max and min, with x's max or min as a >= 0 picks) */
+    double *mean_dot = acc, *to_b = acc + c, *var_dot = acc + 2 * c, *up_dot = acc + 3 * c, *down_dot = acc + 4 * c;
+    double *k_mean = acc + 5 * c, *k_dev = acc + 6 * c;
+    if (d_y_mean) column_dots(d_y_mean, mean, n, c, mean_dot, to_b);
+    if (d_y_var) column_dots(d_y_var, var, n, c, var_dot, NULL);
+    if (d_y_high) {
+        column_dots(d_y_high, high, n, c, up_dot, to_b);
+        column_dots(d_y_high, low, n, c, down_dot, NULL);
+    }
+    if (d_y_low) {
+        column_dots(d_y_low, low, n, c, up_dot, to_b);
+        column_dots(d_y_low, high, n, c, down_dot, NULL);
+    }
     for (int64_t j = 0; j < c; j++) {
-        da[j] = d_a[j];
-        db[j] = d_b[j];
+        double g_b = d_b[j] + to_b[j];
+        double g_a = d_a[j] + mean_dot[j] + 2.0 * a[j] * var_dot[j] + (a[j] >= 0.0f ? up_dot[j] : down_dot[j])
+                     - batch_mean[j] * g_b;  /* b = bias - batch_mean * a */
+        d_bias[j] = (float)g_b;
+        d_weight[j] = (float)(g_a * invstd[j]);
+        double d_bv = -0.5 * weight[j] * (double)invstd[j] * invstd[j] * invstd[j] * g_a;  /* the batch variance's */
+        k_mean[j] = -a[j] * g_b / n;  /* the batch mean's gradient, shared out over the images */
+        k_dev[j] = 2.0 * d_bv / n;
+        var_dot[j] = d_bv / n;  /* now each image variance's share */
     }
     for (int64_t i = 0; i < n; i++)
         for (int64_t j = 0; j < c; j++) {
             int64_t r = i * c + j;
-            int up = a[j] >= 0.0f;
-            if (d_y_mean) {
-                da[j] += (double)d_y_mean[r] * mean[r];
-                db[j] += d_y_mean[r];
-            }
-            if (d_y_var) da[j] += 2.0 * a[j] * var[r] * d_y_var[r];
-            if (d_y_high) {
-                da[j] += (double)d_y_high[r] * (up ? high[r] : low[r]);
-                db[j] += d_y_high[r];
-            }
-            if (d_y_low) {
-                da[j] += (double)d_y_low[r] * (up ? low[r] : high[r]);
-                db[j] += d_y_low[r];
-            }
+            d_mean[r] = (float)(k_mean[j] + k_dev[j] * (mean[r] - batch_mean[j]));
+            d_var[r] = (float)var_dot[j];
         }
-    for (int64_t j = 0; j < c; j++) {
-        da[j] -= batch_mean[j] * db[j];  /* b = bias - batch_mean * a */
-        d_bias[j] = (float)db[j];
-        d_weight[j] = (float)(da[j] * invstd[j]);
-        db[j] *= -a[j];  /* now the batch mean's gradient */
-        da[j] *= -0.5 * weight[j] * (double)invstd[j] * invstd[j] * invstd[j];  /* and the batch variance's */
-    }
-    for (int64_t i = 0; i < n; i++)
+    for (int64_t i = 0; d_y_mean && i < n; i++)
+        for (int64_t j = 0; j < c; j++) d_mean[i * c + j] += a[j] * d_y_mean[i * c + j];
+    for (int64_t i = 0; d_y_var && i < n; i++)
+        for (int64_t j = 0; j < c; j++) d_var[i * c + j] += a[j] * a[j] * d_y_var[i * c + j];
+    for (int64_t i = 0; d_high && d_low && i < n; i++)
         for (int64_t j = 0; j < c; j++) {
             int64_t r = i * c + j;
-            double to_high = d_y_high ? (double)a[j] * d_y_high[r] : 0.0, to_low = d_y_low ? (double)a[j] * d_y_low[r] : 0.0;
-            d_mean[r] = (float)((d_y_mean ? (double)a[j] * d_y_mean[r] : 0.0)
-                                + (db[j] + 2.0 * da[j] * (mean[r] - batch_mean[j])) / n);
-            d_var[r] = (float)((d_y_var ? (double)a[j] * a[j] * d_y_var[r] : 0.0) + da[j] / n);
-            if (d_high) d_high[r] = (float)(a[j] >= 0.0f ? to_high : to_low);
-            if (d_low) d_low[r] = (float)(a[j] >= 0.0f ? to_low : to_high);
+            float to_high = d_y_high ? a[j] * d_y_high[r] : 0.0f, to_low = d_y_low ? a[j] * d_y_low[r] : 0.0f;
+            d_high[r] = a[j] >= 0.0f ? to_high : to_low;
+            d_low[r] = a[j] >= 0.0f ? to_low : to_high;
         }
     free(acc);
     return 0;
