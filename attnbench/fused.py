@@ -449,6 +449,15 @@ def ie_norm_backward(d_scale: Tensor, d_shift: Tensor, pixels: int, kept: Sequen
 FOLD_POOLS = ("mean", "var", "max", "min")
 
 
+def _fold_pools(name: str, pools: dict[str, Tensor], of_y: Sequence[str]) -> None:
+    """What the fold's kernels rely on: x's mean and var, x's max and min both or neither, and
+    y's pools among FOLD_POOLS, a max or min of y only with x's max and min."""
+    if set(of_y) - set(FOLD_POOLS) or {"mean", "var"} - set(pools) or len({"max", "min"} & set(pools)) == 1 \
+            or ({"max", "min"} & set(of_y) and "max" not in pools):
+        raise ValueError(f"{name}: y's {list(of_y)} need x's mean and var (and max and min for y's), "
+                         f"got x's {list(pools)}")
+
+
 def fold_forward(pools: dict[str, Tensor], pixels: int, weight: Tensor, bias: Tensor, eps: float,
                  running: tuple[Tensor, Tensor] | None, factor: float,
                  wanted: Sequence[str]) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
@@ -456,10 +465,7 @@ def fold_forward(pools: dict[str, Tensor], pixels: int, weight: Tensor, bias: Te
     max or min, "max" and "min"; N x C values each) and the norm's weight and bias: (a, b,
     batch_mean, invstd), C values each, with y = x * a + b the norm's output, and the `wanted`
     pools of y, (N, C) each; the running (mean, variance), if given, moved by `factor`."""
-    if not set(wanted) <= set(FOLD_POOLS) or {"mean", "var"} - set(pools) or \
-            ({"max", "min"} & set(wanted) and {"max", "min"} - set(pools)):
-        raise ValueError(f"fold_forward: y's {list(wanted)} need x's mean and var (and max and min for y's), "
-                         f"got x's {list(pools)}")
+    _fold_pools("fold_forward", pools, wanted)
     n, c = pools["mean"].shape[0], weight.numel()
     x_pools = [_per(pools.get(p), [n, c]) for p in FOLD_POOLS]
     weight, bias = _per(weight, [c]), _per(bias, [c])
@@ -481,18 +487,17 @@ def fold_backward(d_a: Tensor, d_b: Tensor, d_of_y: dict[str, Tensor], pools: di
     """fold_forward's backward, from the gradients of a, b and of y's pools (by name, those it
     made), with x's pools and the weight as given to it and kept = (a, batch_mean, invstd) from
     it: (the gradients of x's pools by name, of the weight, of the bias)."""
+    _fold_pools("fold_backward", pools, d_of_y)
     n, c = pools["mean"].shape[0], weight.numel()
-    if set(d_of_y) - set(FOLD_POOLS) or ({"max", "min"} & set(d_of_y) and {"max", "min"} - set(pools)):
-        raise ValueError(f"fold_backward: gradients of y's {list(d_of_y)} for x's pools {list(pools)}")
     x_pools = [_per(pools.get(p), [n, c]) for p in FOLD_POOLS]
     d_y = [_per(d_of_y.get(p), [n, c]) for p in FOLD_POOLS]
-    a, batch_mean, invstd = (_per(t, [c]) for t in kept)
+    # named, not inline: a converted copy must outlive the call that reads it
+    d_a, d_b, weight, a, batch_mean, invstd = (_per(t, [c]) for t in (d_a, d_b, weight, *kept))
     grads = {p: torch.empty(n, c) for p in FOLD_POOLS if p in pools}
     d_weight, d_bias = torch.empty(c), torch.empty(c)
-    if _library().fold_backward(_per(d_a, [c]).data_ptr(), _per(d_b, [c]).data_ptr(), *(_ptr(t) for t in d_y),
-                                *(_ptr(t) for t in x_pools), n, c, _per(weight, [c]).data_ptr(), a.data_ptr(),
-                                batch_mean.data_ptr(), invstd.data_ptr(), *(_ptr(grads.get(p)) for p in FOLD_POOLS),
-                                d_weight.data_ptr(), d_bias.data_ptr()):
+    if _library().fold_backward(d_a.data_ptr(), d_b.data_ptr(), *(_ptr(t) for t in d_y), *(_ptr(t) for t in x_pools),
+                                n, c, weight.data_ptr(), a.data_ptr(), batch_mean.data_ptr(), invstd.data_ptr(),
+                                *(_ptr(grads.get(p)) for p in FOLD_POOLS), d_weight.data_ptr(), d_bias.data_ptr()):
         raise MemoryError("fold_backward: out of memory for its sums")
     return grads, d_weight, d_bias
 

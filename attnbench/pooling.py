@@ -136,10 +136,9 @@ class _AfterNorm:
 
 
 class _FoldedNorm(torch.autograd.Function):
-    """The folded norm's per-channel math (fused.fold_forward): from x's pools per image, a and
-    b, shape (1, C, 1, 1), then y's pools in the attention's order, (N, C, 1, 1) each; the
-    running statistics are moved. As torch ops with autograd these were ~20 small ops and
-    nodes, ~0.5 ms per gate per step whatever its size."""
+    """The folded norm's per-channel math in C (fused.fold_forward; see kernels.c): from x's
+    pools per image, a and b, shape (1, C, 1, 1), then y's pools in the attention's order,
+    (N, C, 1, 1) each; the running statistics are moved."""
 
     @staticmethod
     def forward(ctx, fold: _AfterNorm, weight: Tensor, bias: Tensor, *x_pools: Tensor) -> tuple[Tensor, ...]:

@@ -247,6 +247,27 @@ def test_the_folded_norm_in_c_is_its_formula(wanted) -> None:
     for got, ref in zip((*(grads[p] for p in leaves), d_weight, d_bias), want, strict=True):
         ref = torch.zeros(got.shape, dtype=torch.float64) if ref is None else ref
         assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-6)
+    # Operands the wrapper must convert (float64, strided) give the same: its copies outlive the call.
+    strided = torch.stack((d_a, d_a), 1)[:, 0]
+    again = fused.fold_backward(strided, d_b.double(), d_of_y, x_pools, weight.double(), (a, batch_mean, invstd))
+    assert not strided.is_contiguous() and torch.equal(again[1], d_weight) and torch.equal(again[2], d_bias)
+    assert all(torch.equal(again[0][p], grads[p]) for p in grads)
+
+
+@needs_kernels
+@pytest.mark.parametrize("x_pools, of_y", [(("mean",), ["mean"]), (("mean", "var", "max"), ["mean"]),
+                                           (("mean", "var"), ["max"]), (("mean", "var"), ["median"])], ids=str)
+def test_the_folded_norm_kernels_refuse_pools_they_would_misread(x_pools, of_y) -> None:
+    """x's mean and var always, x's max and min both or neither, y's max or min only from them:
+    anything else would reach C as a NULL or an unwritten result."""
+    n, c = 3, 4
+    pools = {p: torch.rand(n, c) for p in x_pools}
+    weight, bias = torch.ones(c), torch.zeros(c)
+    with pytest.raises(ValueError, match="need x's mean and var"):
+        fused.fold_forward(pools, 5, weight, bias, 1e-5, None, 0.0, of_y)
+    with pytest.raises(ValueError, match="need x's mean and var"):
+        fused.fold_backward(torch.zeros(c), torch.zeros(c), {p: torch.zeros(n, c) for p in of_y}, pools, weight,
+                            (torch.ones(c), torch.zeros(c), torch.ones(c)))
 
 
 @needs_kernels
