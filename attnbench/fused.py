@@ -39,6 +39,8 @@ SOURCE = Path(__file__).with_name("kernels.c")
 ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
              "AVX2": ["-mavx2", "-mfma"]}
 
+POOLS = ("mean", "var", "max", "min")  # the pools a gate takes (attnbench.pooling), in the fold kernels' order
+
 
 def cache_dir() -> Path:
     """Where the built library is kept: per user, like any compiler cache."""
@@ -401,6 +403,18 @@ def _per_image(n: int, c: int, *tensors: Tensor) -> None:
             raise ValueError(f"the IEBN kernels take float64 sums of shape {(n, c)}, got {t.dtype} {tuple(t.shape)}")
 
 
+def _batch_of_images(name: str, n: int, c: int, pixels: int,
+                     running: tuple[Tensor, Tensor] | None) -> tuple[Tensor | None, Tensor | None]:
+    """What the kernels that take a batch's statistics from its n images' (IEBN's, the fold's)
+    rely on: more than one value per channel, and the running (mean, variance), both or neither,
+    of c values each; those returned, (None, None) for neither."""
+    if pixels < 1 or n * pixels < 2:
+        raise ValueError(f"{name}: a batch norm needs more than 1 value per channel, got {n} images of {pixels} pixels")
+    running = _both_or_neither(running, name)
+    _per_channel(c, *running)
+    return running
+
+
 def ie_norm_forward(sum_x: Tensor, sum_xx: Tensor, pixels: int, params: Sequence[Tensor], eps: float,
                     running: tuple[Tensor, Tensor] | None, factor: float) -> tuple[Tensor, ...]:
     """From the per-image float64 sums of x and x * x over `pixels` pixels, shape (N, C), and
@@ -410,10 +424,7 @@ def ie_norm_forward(sum_x: Tensor, sum_xx: Tensor, pixels: int, params: Sequence
     n, c = sum_x.shape
     _per_image(n, c, sum_x, sum_xx)
     params = [_per(t, [c]) for t in params]
-    running = _both_or_neither(running, "ie_norm_forward")
-    _per_channel(c, *running)
-    if pixels < 1 or n * pixels < 2:
-        raise ValueError(f"IEBN needs more than 1 value per channel, got {n} images of {pixels} pixels")
+    running = _batch_of_images("ie_norm_forward", n, c, pixels, running)
     scale, shift, mean, gate = (torch.empty(n, c) for _ in range(4))
     batch_mean, invstd = torch.empty(c), torch.empty(c)
     if _library().ie_norm_forward(sum_x.data_ptr(), sum_xx.data_ptr(), n, c, pixels, *(t.data_ptr() for t in params),
@@ -446,13 +457,10 @@ def ie_norm_backward(d_scale: Tensor, d_shift: Tensor, pixels: int, kept: Sequen
 
 # A batch norm folded into the gate after it (attnbench/pooling.py, _AfterNorm); see kernels.c.
 
-FOLD_POOLS = ("mean", "var", "max", "min")
-
-
 def _fold_pools(name: str, pools: dict[str, Tensor], of_y: Sequence[str]) -> None:
     """What the fold's kernels rely on: x's mean and var, x's max and min both or neither, and
-    y's pools among FOLD_POOLS, a max or min of y only with x's max and min."""
-    if set(of_y) - set(FOLD_POOLS) or {"mean", "var"} - set(pools) or len({"max", "min"} & set(pools)) == 1 \
+    y's pools among POOLS, a max or min of y only with x's max and min."""
+    if set(of_y) - set(POOLS) or {"mean", "var"} - set(pools) or len({"max", "min"} & set(pools)) == 1 \
             or ({"max", "min"} & set(of_y) and "max" not in pools):
         raise ValueError(f"{name}: y's {list(of_y)} need x's mean and var (and max and min for y's), "
                          f"got x's {list(pools)}")
@@ -467,17 +475,14 @@ def fold_forward(pools: dict[str, Tensor], pixels: int, weight: Tensor, bias: Te
     pools of y, (N, C) each; the running (mean, variance), if given, moved by `factor`."""
     _fold_pools("fold_forward", pools, wanted)
     n, c = pools["mean"].shape[0], weight.numel()
-    x_pools = [_per(pools.get(p), [n, c]) for p in FOLD_POOLS]
+    x_pools = [_per(pools.get(p), [n, c]) for p in POOLS]
     weight, bias = _per(weight, [c]), _per(bias, [c])
-    running = _both_or_neither(running, "fold_forward")
-    _per_channel(c, *running)
-    if pixels < 1 or n * pixels < 2:
-        raise ValueError(f"batch norm needs more than 1 value per channel, got {n} images of {pixels} pixels")
+    running = _batch_of_images("fold_forward", n, c, pixels, running)
     a, b, batch_mean, invstd = (torch.empty(c) for _ in range(4))
     of_y = {p: torch.empty(n, c) for p in wanted}
     if _library().fold_forward(*(_ptr(t) for t in x_pools), n, c, pixels, weight.data_ptr(), bias.data_ptr(), eps,
                                *(_ptr(t) for t in running), factor, a.data_ptr(), b.data_ptr(), batch_mean.data_ptr(),
-                               invstd.data_ptr(), *(_ptr(of_y.get(p)) for p in FOLD_POOLS)):
+                               invstd.data_ptr(), *(_ptr(of_y.get(p)) for p in POOLS)):
         raise MemoryError("fold_forward: out of memory for its sums")
     return a, b, batch_mean, invstd, [of_y[p] for p in wanted]
 
@@ -489,15 +494,15 @@ def fold_backward(d_a: Tensor, d_b: Tensor, d_of_y: dict[str, Tensor], pools: di
     it: (the gradients of x's pools by name, of the weight, of the bias)."""
     _fold_pools("fold_backward", pools, d_of_y)
     n, c = pools["mean"].shape[0], weight.numel()
-    x_pools = [_per(pools.get(p), [n, c]) for p in FOLD_POOLS]
-    d_y = [_per(d_of_y.get(p), [n, c]) for p in FOLD_POOLS]
+    x_pools = [_per(pools.get(p), [n, c]) for p in POOLS]
+    d_y = [_per(d_of_y.get(p), [n, c]) for p in POOLS]
     # named, not inline: a converted copy must outlive the call that reads it
     d_a, d_b, weight, a, batch_mean, invstd = (_per(t, [c]) for t in (d_a, d_b, weight, *kept))
-    grads = {p: torch.empty(n, c) for p in FOLD_POOLS if p in pools}
+    grads = {p: torch.empty(n, c) for p in POOLS if p in pools}
     d_weight, d_bias = torch.empty(c), torch.empty(c)
     if _library().fold_backward(d_a.data_ptr(), d_b.data_ptr(), *(_ptr(t) for t in d_y), *(_ptr(t) for t in x_pools),
                                 n, c, weight.data_ptr(), a.data_ptr(), batch_mean.data_ptr(), invstd.data_ptr(),
-                                *(_ptr(grads.get(p)) for p in FOLD_POOLS), d_weight.data_ptr(), d_bias.data_ptr()):
+                                *(_ptr(grads.get(p)) for p in POOLS), d_weight.data_ptr(), d_bias.data_ptr()):
         raise MemoryError("fold_backward: out of memory for its sums")
     return grads, d_weight, d_bias
 

@@ -915,9 +915,11 @@ int ie_norm_backward(const double *d_scale, const double *d_shift, int64_t n, in
                      const float *mean, const float *gate, const float *batch_mean, const float *invstd,
                      const float *gamma, const float *gate_w, float *dx_shift, float *dx_x, float *d_gamma,
                      float *d_beta, float *d_gate_w, float *d_gate_b) {
-    double *acc = calloc((size_t)(6 * c), sizeof(double));
+    double *acc = calloc((size_t)(9 * c), sizeof(double));
     if (!acc) return -1;
     double *dg = acc, *db = acc + c, *d_bm = acc + 2 * c, *d_is = acc + 3 * c, *dw = acc + 4 * c, *dgb = acc + 5 * c;
+    /* each image's share of the batch mean's and variance's gradients, and dx's factor on x */
+    double *k_mean = acc + 6 * c, *k_dev = acc + 7 * c, *x_factor = acc + 8 * c;
     for (int64_t i = 0; i < n; i++)
         for (int64_t j = 0; j < c; j++) {
             int64_t r = i * c + j;
@@ -937,18 +939,18 @@ int ie_norm_backward(const double *d_scale, const double *d_shift, int64_t n, in
         d_gate_w[j] = (float)dw[j];
         d_gate_b[j] = (float)dgb[j];
         double d_bv = -0.5 * (double)invstd[j] * invstd[j] * invstd[j] * d_is[j];  /* the batch variance's gradient */
-        d_bm[j] /= n;  /* the batch mean's and variance's gradients, shared out over the images */
-        d_is[j] = 2.0 * d_bv / n;
-        dg[j] = d_is[j] * per_pixel;  /* now dx's factor on x: the per-image variance's gradient is the batch's / n */
+        k_mean[j] = d_bm[j] / n;
+        k_dev[j] = 2.0 * d_bv / n;
+        x_factor[j] = k_dev[j] * per_pixel;  /* the per-image variance's gradient is the batch's / n */
     }
     for (int64_t i = 0; i < n; i++)
         for (int64_t j = 0; j < c; j++) {
             int64_t r = i * c + j;
             double q = d_scale[r] - batch_mean[j] * d_shift[r];
             double d_mean = ie_gate_input_grad(q, gamma[j], invstd[j], gate[r]) * gate_w[j]
-                            + d_bm[j] + d_is[j] * (mean[r] - batch_mean[j]);
-            dx_x[r] = (float)dg[j];
-            dx_shift[r] = (float)(d_mean * per_pixel - mean[r] * dg[j]);
+                            + k_mean[j] + k_dev[j] * (mean[r] - batch_mean[j]);
+            dx_x[r] = (float)x_factor[j];
+            dx_shift[r] = (float)(d_mean * per_pixel - mean[r] * x_factor[j]);
         }
     free(acc);
     return 0;
@@ -1014,12 +1016,13 @@ int fold_backward(const float *restrict d_a, const float *restrict d_b, const fl
                   const float *restrict a, const float *restrict batch_mean, const float *restrict invstd,
                   float *restrict d_mean, float *restrict d_var, float *restrict d_high, float *restrict d_low,
                   float *restrict d_weight, float *restrict d_bias) {
-    double *acc = calloc((size_t)(7 * c), sizeof(double));
+    double *acc = calloc((size_t)(8 * c), sizeof(double));
     if (!acc) return -1;
     /* sums over the images: of the pools' gradients (to b), and of their products with x's pools
        (to a; for y's max and min, with x's max or min as a >= 0 picks) */
     double *mean_dot = acc, *to_b = acc + c, *var_dot = acc + 2 * c, *up_dot = acc + 3 * c, *down_dot = acc + 4 * c;
-    double *k_mean = acc + 5 * c, *k_dev = acc + 6 * c;
+    /* each image's share of the batch mean's and variance's gradients */
+    double *k_mean = acc + 5 * c, *k_dev = acc + 6 * c, *k_var = acc + 7 * c;
     if (d_y_mean) column_dots(d_y_mean, mean, n, c, mean_dot, to_b);
     if (d_y_var) column_dots(d_y_var, var, n, c, var_dot, NULL);
     if (d_y_high) {
@@ -1037,15 +1040,15 @@ int fold_backward(const float *restrict d_a, const float *restrict d_b, const fl
         d_bias[j] = (float)g_b;
         d_weight[j] = (float)(g_a * invstd[j]);
         double d_bv = -0.5 * weight[j] * (double)invstd[j] * invstd[j] * invstd[j] * g_a;  /* the batch variance's */
-        k_mean[j] = -a[j] * g_b / n;  /* the batch mean's gradient, shared out over the images */
+        k_mean[j] = -a[j] * g_b / n;  /* the batch mean's gradient is -a * g_b */
         k_dev[j] = 2.0 * d_bv / n;
-        var_dot[j] = d_bv / n;  /* now each image variance's share */
+        k_var[j] = d_bv / n;
     }
     for (int64_t i = 0; i < n; i++)
         for (int64_t j = 0; j < c; j++) {
             int64_t r = i * c + j;
             d_mean[r] = (float)(k_mean[j] + k_dev[j] * (mean[r] - batch_mean[j]));
-            d_var[r] = (float)var_dot[j];
+            d_var[r] = (float)k_var[j];
         }
     for (int64_t i = 0; d_y_mean && i < n; i++)
         for (int64_t j = 0; j < c; j++) d_mean[i * c + j] += a[j] * d_y_mean[i * c + j];

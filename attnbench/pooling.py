@@ -47,7 +47,7 @@ from attnbench import fused
 from attnbench.norm import BatchNorm2d, running_update
 from attnbench.residual import add as add_residual
 
-POOLS = ("mean", "var", "max", "min")
+POOLS = fused.POOLS  # "mean", "var", "max", "min"
 DIMS = {"pixels": (2, 3), "channels": (1,)}
 Scale = Tensor | tuple[Tensor, Tensor]
 
@@ -126,11 +126,11 @@ class _AfterNorm:
 
     def __init__(self, norm: BatchNorm2d, attention: Callable[..., Scale], pools: Sequence[str], pixels: int):
         self.norm, self.attention, self.pools, self.pixels = norm, attention, tuple(pools), pixels
-        self.x_pools = ("mean", "var", "max", "min") if {"max", "min"} & set(pools) else ("mean", "var")
+        self.x_pools = POOLS if {"max", "min"} & set(pools) else POOLS[:2]  # the C math needs mean and var
         self.norm_params = (norm.weight, norm.bias)
 
     def __call__(self, *x_pools: Tensor) -> Scale:
-        a, b, *of_y = _FoldedNorm.apply(self, self.norm.weight, self.norm.bias, *x_pools)
+        a, b, *of_y = _FoldedNorm.apply(self, *self.norm_params, *x_pools)
         scale = _as_tuple(self.attention(*of_y))
         return a * scale[0], b * scale[0] + scale[1] if len(scale) == 2 else b * scale[0]
 

@@ -199,7 +199,7 @@ def _folded_norm_formula(x_pools: dict[str, torch.Tensor], weight: torch.Tensor,
                          wanted: list[str]) -> tuple[torch.Tensor, ...]:
     """The norm folded into a gate, as the torch ops it replaced: a, b and y's `wanted` pools from
     x's pools per image, with the batch's mean and variance (for the running averages)."""
-    mean, var, high, low = (x_pools.get(p) for p in fused.FOLD_POOLS)
+    mean, var, high, low = (x_pools.get(p) for p in fused.POOLS)
     batch_mean, batch_var = mean.mean(0), var.mean(0) + mean.var(0, correction=0)
     a = weight * (batch_var + eps).rsqrt()
     b = bias - batch_mean * a
@@ -268,6 +268,13 @@ def test_the_folded_norm_kernels_refuse_pools_they_would_misread(x_pools, of_y) 
     with pytest.raises(ValueError, match="need x's mean and var"):
         fused.fold_backward(torch.zeros(c), torch.zeros(c), {p: torch.zeros(n, c) for p in of_y}, pools, weight,
                             (torch.ones(c), torch.zeros(c), torch.ones(c)))
+
+
+@needs_kernels
+def test_the_folded_norm_kernels_refuse_a_single_value_per_channel() -> None:
+    one = {"mean": torch.zeros(1, 4), "var": torch.zeros(1, 4)}
+    with pytest.raises(ValueError, match="more than 1 value per channel, got 1 images of 1 pixels"):
+        fused.fold_forward(one, 1, torch.ones(4), torch.zeros(4), 1e-5, None, 0.0, ["mean"])
 
 
 @needs_kernels
