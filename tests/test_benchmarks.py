@@ -10,7 +10,10 @@ import pytest
 import torch
 from pytest_benchmark.fixture import BenchmarkFixture
 
+from torch import nn
+
 from attnbench import fused, norm, registry, residual
+from attnbench.models.conv import Conv2d
 from attnbench.train import keep_freed_memory
 from conftest import needs_kernels, onednn_weight_grad
 
@@ -114,3 +117,26 @@ def test_conv_weight_grad(benchmark: BenchmarkFixture, path: str, channels: int,
     weight_grad = fused.conv_weight_grad if path == "kernels.c" else onednn_weight_grad
     args = (x, dy, 3, 1, 1) if path == "kernels.c" else (x, dy, (channels, channels, 3, 3), 1, 1)
     assert benchmark(weight_grad, *args).shape == (channels, channels, 3, 3)
+
+
+CONV_PATHS = {"winograd": "_WinogradConvBackward", "weight-grad-in-c": "_ConvWithWeightGradInCBackward",
+              "onednn": "ConvolutionBackward0"}
+
+
+@pytest.mark.benchmark(group="conv3x3-train")
+@pytest.mark.parametrize("path", [pytest.param(p, marks=needs_kernels) if p != "onednn" else p for p in CONV_PATHS])
+@pytest.mark.parametrize("channels, size", [(16, 32), (64, 8)], ids=["stage1", "stage3"])
+def test_conv3x3_train(benchmark: BenchmarkFixture, monkeypatch: pytest.MonkeyPatch, path: str, channels: int,
+                       size: int) -> None:
+    """A CIFAR ResNet 3x3 conv's forward, input and weight gradients at batch 128, by each of
+    attnbench.models.conv's paths for it side by side: Winograd, the direct weight gradient in C
+    with oneDNN's forward and input gradient, and oneDNN throughout."""
+    if path == "weight-grad-in-c":
+        monkeypatch.setattr(Conv2d, "_winograd", lambda self, x: False)
+    layer = (Conv2d if path != "onednn" else nn.Conv2d)(channels, channels, 3, padding=1, bias=False)
+    layer = layer.to(memory_format=torch.channels_last)
+    x, dy = (torch.randn(128, channels, size, size).to(memory_format=torch.channels_last) for _ in range(2))
+    x.requires_grad_()
+    grads = benchmark(lambda: torch.autograd.grad(layer(x), [x, layer.weight], dy))
+    assert all(g is not None for g in grads)
+    assert type(layer(x).grad_fn).__name__ == CONV_PATHS[path]

@@ -68,12 +68,16 @@ def _grads(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.T
 
 @needs_kernels
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("case", ["resnet-conv", "few-channels"])
+@pytest.mark.parametrize("case", ["resnet-conv", "resnet-3x3", "few-channels"])
 def test_layer_trains_as_nn_conv2d_does(case: str, bias: bool) -> None:
-    if case == "resnet-conv":  # channels_last, 16k input channels: oneDNN forward, weight gradient in C
+    if case == "resnet-conv":  # channels_last, 16k input channels, stride 2: oneDNN forward, weight gradient in C
         ours, theirs = _pair(bias, stride=2)
         x, dy = torch.randn(4, 32, 10, 10).to(memory_format=CL), torch.randn(4, 12, 5, 5).to(memory_format=CL)
         kernel_ran = "_ConvWithWeightGradInCBackward"
+    elif case == "resnet-3x3":  # stride 1, 16k channels both sides: all of it by Winograd
+        ours, theirs = _pair(bias, cout=16)
+        x, dy = torch.randn(4, 32, 10, 10).to(memory_format=CL), torch.randn(4, 16, 10, 10).to(memory_format=CL)
+        kernel_ran = "_WinogradConvBackward"
     else:  # CBAM's spatial conv on NCHW maps: all of it in C
         ours, theirs = _pair(bias, cin=2, cout=1, kernel=7, layout=torch.contiguous_format)
         x, dy = torch.randn(4, 2, 9, 11), torch.randn(4, 1, 9, 11)
@@ -84,6 +88,66 @@ def test_layer_trains_as_nn_conv2d_does(case: str, bias: bool) -> None:
     assert y.shape == y_ref.shape and y.is_contiguous(memory_format=CL) == y_ref.is_contiguous(memory_format=CL)
     for got, want in zip((y, *grads), (y_ref, *grads_ref)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n, cin, cout, h, w", [
+    (3, 16, 16, 8, 8),     # a CIFAR ResNet layer's shape: 12 whole tiles
+    (5, 16, 32, 16, 16),   # 80 tiles: 3 whole groups of 24 tiles, one of 8 (not a multiple of the 6-row tile)
+    (2, 8, 48, 9, 6),      # partial tiles at the bottom and right edges; 8 channels in, 48 out
+    (2, 32, 16, 1, 1),     # one pixel: all but the centre tap read the zero border
+])
+def test_winograd_conv_equals_the_direct_conv(n: int, cin: int, cout: int, h: int, w: int) -> None:
+    """Forward, input and weight gradients against float64 convs, to 1e-5 of each result's scale:
+    Winograd's transforms round ~10x more than a direct conv (float32's own rounding is ~1e-7 of it)."""
+    g = torch.Generator().manual_seed(n * cin + h)
+    x = torch.randn(n, cin, h, w, generator=g).to(memory_format=CL)
+    weight = torch.randn(cout, cin, 3, 3, generator=g).to(memory_format=CL)  # as a channels_last model holds it
+    want = F.conv2d(x.double(), weight.double(), padding=1)
+    got = fused.conv3x3(x, weight)
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
+    dy = torch.randn(n, cout, h, w, generator=g).to(memory_format=CL)
+    if cin % 16 == 0:  # the input gradient's conv maps cout channels to cin
+        want_dx = F.conv_transpose2d(dy.double(), weight.double(), padding=1)  # a conv's input gradient
+        got_dx = fused.conv3x3(dy, weight, input_grad=True)
+        torch.testing.assert_close(got_dx.double(), want_dx, rtol=0, atol=1e-5 * want_dx.abs().max().item())
+    weight64 = weight.double().requires_grad_()
+    (want_dw,) = torch.autograd.grad(F.conv2d(x.double(), weight64, padding=1), [weight64], dy.double())
+    got_dw = fused.conv3x3_weight_grad(x, dy)
+    assert got_dw.is_contiguous(memory_format=CL) and got_dw.shape == weight.shape
+    assert torch.equal(got_dw, fused.conv3x3_weight_grad(x, dy))  # the threads' sums added in one order
+    torch.testing.assert_close(got_dw.double(), want_dw, rtol=0, atol=1e-5 * want_dw.abs().max().item())
+
+
+@needs_kernels
+@pytest.mark.parametrize("x, weight, input_grad, message", [
+    (torch.randn(2, 16, 4, 4), torch.randn(16, 16, 3, 3), False, "channels_last"),
+    (torch.randn(2, 16, 4, 4).to(memory_format=CL), torch.randn(16, 16, 5, 5), False, "3x3"),
+    (torch.randn(2, 16, 4, 4).to(memory_format=CL), torch.randn(12, 16, 3, 3), False, "of 16"),
+    (torch.randn(2, 12, 4, 4).to(memory_format=CL), torch.randn(16, 12, 3, 3), False, "multiple of 8"),
+    (torch.randn(2, 16, 4, 4).to(memory_format=CL), torch.randn(16, 8, 3, 3), False, "for input"),
+    (torch.randn(2, 16, 4, 4).to(memory_format=CL), torch.randn(16, 8, 3, 3), True, "input gradient"),
+    (torch.randn(0, 16, 4, 4).to(memory_format=CL), torch.randn(16, 16, 3, 3), False, "for input"),
+])
+def test_winograd_conv_refuses_what_it_cannot_take(x, weight, input_grad: bool, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        fused.conv3x3(x, weight, input_grad=input_grad)
+
+
+@needs_kernels
+@pytest.mark.parametrize("x, dy, message", [
+    (torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4), "channels_last"),
+    (torch.randn(2, 12, 4, 4), torch.randn(2, 16, 4, 4), "multiple of 8"),
+    (torch.randn(2, 16, 4, 4), torch.randn(2, 8, 4, 4), "one of 16"),
+    (torch.randn(2, 16, 4, 4), torch.randn(2, 16, 2, 2), "maps"),  # a stride-2 conv's output
+    (torch.randn(2, 16, 4, 4), torch.randn(3, 16, 4, 4), "maps"),
+])
+def test_winograd_weight_grad_refuses_what_it_cannot_take(x, dy, message: str) -> None:
+    channels_last = message != "channels_last"
+    x, dy = (t.to(memory_format=CL) if channels_last else t for t in (x, dy))
+    with pytest.raises(ValueError, match=message):
+        fused.conv3x3_weight_grad(x, dy)
 
 
 @needs_kernels
