@@ -1284,23 +1284,30 @@ static void winograd_inputs(const float *x, int64_t h, int64_t w, int64_t cin, i
     }
 }
 
-/* m[r][0..16) = sum over k of v[r][k] u[k][0..16), for `rows` tiles: one transformed position's
-   products summed over input channels. Called with constant `rows`, so the accumulators stay in
-   registers. */
-static inline __attribute__((always_inline)) void winograd_products(int rows, const float *v, int64_t cin,
-                                                                    const float *u, int64_t cout, float *m) {
+/* out[r * out_row + 0..16) = (or, with `add`, +=) sum over k < depth of a[r * a_row + k * a_step]
+   b[k * b_row + 0..16), for r < rows: the products of the Winograd functions, summed over input
+   channels (forward) or over tiles (weight gradient). Called with constant `rows` and `add`, so
+   the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void winograd_tile_products(
+    int rows, int add, int64_t depth, const float *a, int64_t a_row, int64_t a_step, const float *b, int64_t b_row,
+    float *out, int64_t out_row) {
     v8 acc[TILE_ROWS][2];
     for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = (v8){0};
-    for (int64_t k = 0; k < cin; k++) {
-        v8 u0 = load8(u + k * cout), u1 = load8(u + k * cout + 8);
+    for (int64_t k = 0; k < depth; k++) {
+        v8 b0 = load8(b + k * b_row), b1 = load8(b + k * b_row + 8);
         for (int r = 0; r < rows; r++) {
-            acc[r][0] += v[r * cin + k] * u0;
-            acc[r][1] += v[r * cin + k] * u1;
+            acc[r][0] += a[r * a_row + k * a_step] * b0;
+            acc[r][1] += a[r * a_row + k * a_step] * b1;
         }
     }
     for (int r = 0; r < rows; r++) {
-        store8(m + r * cout, acc[r][0]);
-        store8(m + r * cout + 8, acc[r][1]);
+        if (add) {
+            add8(out + r * out_row, acc[r][0]);
+            add8(out + r * out_row + 8, acc[r][1]);
+        } else {
+            store8(out + r * out_row, acc[r][0]);
+            store8(out + r * out_row + 8, acc[r][1]);
+        }
     }
 }
 
@@ -1351,26 +1358,6 @@ static void winograd_output_grads(const float *g, int64_t h, int64_t w, int64_t 
     }
 }
 
-/* du[r][0..16) += sum over `count` tiles t of v[t][r] dm[t][0..16), for `rows` input channels:
-   one transformed position's kernel gradient. Constant `rows`, as in winograd_products. */
-static inline __attribute__((always_inline)) void winograd_kernel_grads(int rows, const float *v, int64_t cin,
-                                                                        const float *dm, int64_t cout, int64_t count,
-                                                                        float *du) {
-    v8 acc[TILE_ROWS][2];
-    for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = (v8){0};
-    for (int64_t t = 0; t < count; t++) {
-        v8 d0 = load8(dm + t * cout), d1 = load8(dm + t * cout + 8);
-        for (int r = 0; r < rows; r++) {
-            acc[r][0] += v[t * cin + r] * d0;
-            acc[r][1] += v[t * cin + r] * d1;
-        }
-    }
-    for (int r = 0; r < rows; r++) {
-        add8(du + r * cout, acc[r][0]);
-        add8(du + r * cout + 8, acc[r][1]);
-    }
-}
-
 /* A conv's tiles: how many, and the first and count of those in group g of WINOGRAD_TILES. */
 static int64_t winograd_tile_count(const struct conv *c) { return c->n * ((c->h + 3) / 4) * ((c->w + 3) / 4); }
 static int64_t winograd_group(const struct conv *c, int64_t g, int64_t *count) {
@@ -1391,7 +1378,7 @@ static void winograd_conv_group(const struct conv *c, int64_t g, float *v, float
             for (int64_t co = 0; co < cout; co += 16) {
                 const float *vp = v + (p * WINOGRAD_TILES + t) * cin, *up = c->wt + p * cin * cout + co;
                 float *mp = m + (p * WINOGRAD_TILES + t) * cout + co;
-                #define PRODUCTS(rows) winograd_products(rows, vp, cin, up, cout, mp)
+                #define PRODUCTS(rows) winograd_tile_products(rows, 0, cin, vp, cin, 1, up, cout, mp, cout)
                 BY_TILE_ROWS(count - t, PRODUCTS);
                 #undef PRODUCTS
             }
@@ -1410,7 +1397,7 @@ static void winograd_weight_grad_group(const struct conv *c, int64_t g, float *v
             for (int64_t co = 0; co < cout; co += 16) {
                 const float *vp = v + p * WINOGRAD_TILES * cin + ci, *dp = dm + p * WINOGRAD_TILES * cout + co;
                 float *dup = du + (p * cin + ci) * cout + co;
-                #define KERNEL_GRADS(rows) winograd_kernel_grads(rows, vp, cin, dp, cout, count, dup)
+                #define KERNEL_GRADS(rows) winograd_tile_products(rows, 1, count, vp, 1, cin, dp, cout, dup, cout)
                 BY_TILE_ROWS(cin - ci, KERNEL_GRADS);
                 #undef KERNEL_GRADS
             }
