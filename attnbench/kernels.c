@@ -1462,23 +1462,41 @@ static void pad_planes(const struct conv *c, int64_t b, float *img) {
                    (size_t)c->w * sizeof(float));
 }
 
+/* The direct loops below read whole vectors of 8 columns, past a row's end into the next row and
+   past the last plane into SAME_SLACK zeros, and keep only the lanes and rows that exist. */
+#define SAME_ROWS 4  /* output rows at a time: four independent sums per tap */
+#define SAME_SLACK(wp) (SAME_ROWS * (wp) + 16)
+
+/* The first `left` of 8 floats (all 8 if left >= 8), the rest zero. */
+static inline v8 load_part(const float *p, int64_t left) {
+    if (left >= 8) return load8(p);
+    v8 v = {0};
+    memcpy(&v, p, (size_t)left * sizeof(float));
+    return v;
+}
+static inline void store_part(float *p, v8 v, int64_t left) {
+    if (left >= 8) store8(p, v);
+    else memcpy(p, &v, (size_t)left * sizeof(float));
+}
+
 static void same_image(const struct conv *c, int64_t b, float *img, float *unused) {
     (void)unused;
-    int64_t hp = c->h + 2 * c->pad, wp = c->w + 2 * c->pad, k = c->k, w = c->w;
+    int64_t hp = c->h + 2 * c->pad, wp = c->w + 2 * c->pad, k = c->k, w = c->w, h = c->h;
     pad_planes(c, b, img);
     for (int64_t co = 0; co < c->cout; co++)
-        for (int64_t i = 0; i < c->h; i++) {
-            float *row = c->out + ((b * c->cout + co) * c->h + i) * w;
-            for (int64_t j = 0; j < w; j++) row[j] = 0.0f;
-            for (int64_t ch = 0; ch < c->cin; ch++)
-                for (int64_t ky = 0; ky < k; ky++)
-                    for (int64_t kx = 0; kx < k; kx++) {
-                        const float *src = img + (ch * hp + i + ky) * wp + kx;
-                        float wv = c->wt[((co * c->cin + ch) * k + ky) * k + kx];
-                        #pragma omp simd
-                        for (int64_t j = 0; j < w; j++) row[j] += wv * src[j];
+        for (int64_t i0 = 0; i0 < h; i0 += SAME_ROWS)
+            for (int64_t j = 0; j < w; j += 8) {
+                v8 acc[SAME_ROWS] = {{0}};
+                for (int64_t ch = 0; ch < c->cin; ch++)
+                    for (int64_t ky = 0; ky < k; ky++) {
+                        const float *src = img + (ch * hp + i0 + ky) * wp + j;
+                        const float *taps = c->wt + ((co * c->cin + ch) * k + ky) * k;
+                        for (int64_t kx = 0; kx < k; kx++)
+                            for (int q = 0; q < SAME_ROWS; q++) acc[q] += taps[kx] * load8(src + q * wp + kx);
                     }
-        }
+                for (int q = 0; q < SAME_ROWS && i0 + q < h; q++)
+                    store_part(c->out + ((b * c->cout + co) * h + i0 + q) * w + j, acc[q], w - j);
+            }
 }
 
 /* out (n, cout, h, w) = x (n, cin, h, w) convolved with wt (cout, cin, k, k), zero padding k/2,
@@ -1488,24 +1506,34 @@ static void same_image(const struct conv *c, int64_t b, float *img, float *unuse
 int conv_same(const float *x, const float *wt, float *out, int64_t n, int64_t cin, int64_t cout, int64_t h,
               int64_t w, int64_t k, int threads) {
     struct conv c = {x, NULL, wt, out, h, w, cin, cout, k, 1, k / 2, h, w};
-    return over_items(&c, n, threads, cin * (h + k - 1) * (w + k - 1), 0, NULL, same_image);
+    return over_items(&c, n, threads, cin * (h + k - 1) * (w + k - 1) + SAME_SLACK(w + k - 1), 0, NULL, same_image);
 }
 
+static inline float sum_lanes(v8 v) {
+    float s = 0.0f;
+    for (int l = 0; l < 8; l++) s += v[l];
+    return s;
+}
+
+/* Eight taps of a kernel row at a time, each a vector of sums over columns; a row's last vector
+   reads the columns that exist and zeros (load_part), so that no other pixel enters a tap. */
 static void same_weight_grad_image(const struct conv *c, int64_t b, float *img, float *dw) {
-    int64_t hp = c->h + 2 * c->pad, wp = c->w + 2 * c->pad, k = c->k, w = c->w;
+    int64_t hp = c->h + 2 * c->pad, wp = c->w + 2 * c->pad, k = c->k, w = c->w, h = c->h;
     pad_planes(c, b, img);
     for (int64_t co = 0; co < c->cout; co++)
         for (int64_t ch = 0; ch < c->cin; ch++)
             for (int64_t ky = 0; ky < k; ky++)
-                for (int64_t kx = 0; kx < k; kx++) {
-                    float s = 0.0f;
-                    for (int64_t i = 0; i < c->h; i++) {
-                        const float *g = c->g + ((b * c->cout + co) * c->h + i) * w;
-                        const float *src = img + (ch * hp + i + ky) * wp + kx;
-                        #pragma omp simd reduction(+ : s)
-                        for (int64_t j = 0; j < w; j++) s += g[j] * src[j];
+                for (int64_t kx0 = 0; kx0 < k; kx0 += 8) {
+                    v8 acc[8] = {{0}};
+                    for (int64_t i = 0; i < h; i++) {
+                        const float *g = c->g + ((b * c->cout + co) * h + i) * w;
+                        const float *src = img + (ch * hp + i + ky) * wp + kx0;
+                        for (int64_t j = 0; j < w; j += 8) {
+                            v8 gv = load_part(g + j, w - j);
+                            for (int t = 0; t < 8; t++) acc[t] += gv * load_part(src + j + t, w - j);
+                        }
                     }
-                    dw[((co * c->cin + ch) * k + ky) * k + kx] += s;
+                    for (int64_t t = 0; t < 8 && kx0 + t < k; t++) dw[((co * c->cin + ch) * k + ky) * k + kx0 + t] += sum_lanes(acc[t]);
                 }
 }
 
@@ -1513,5 +1541,6 @@ static void same_weight_grad_image(const struct conv *c, int64_t b, float *img, 
 int conv_same_weight_grad(const float *x, const float *dy, float *dw, int64_t n, int64_t cin, int64_t cout,
                           int64_t h, int64_t w, int64_t k, int threads) {
     struct conv c = {x, dy, NULL, dw, h, w, cin, cout, k, 1, k / 2, h, w};
-    return over_items(&c, n, threads, cin * (h + k - 1) * (w + k - 1), cout * cin * k * k, dw, same_weight_grad_image);
+    return over_items(&c, n, threads, cin * (h + k - 1) * (w + k - 1) + SAME_SLACK(w + k - 1), cout * cin * k * k, dw,
+                      same_weight_grad_image);
 }

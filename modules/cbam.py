@@ -32,7 +32,7 @@ class CBAMGate(nn.Module):
 
     def spatial_attention(self, high: Tensor, mean: Tensor) -> Tensor:
         # NCHW maps: training on the CPU, attnbench's Conv2d runs this 2-to-1 conv as a direct C
-        # loop over planes (3.9 ms forward and backward at (128, 2, 32, 32), oneDNN 10.7 ms).
+        # loop over planes (1.15 ms forward and backward at (128, 2, 32, 32), oneDNN 26 ms).
         maps = torch.cat((high, mean), dim=1).contiguous()
         return self.spatial_bn(self.spatial_conv(maps)).sigmoid_()
 

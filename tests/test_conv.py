@@ -151,7 +151,8 @@ def test_winograd_weight_grad_refuses_what_it_cannot_take(x, dy, message: str) -
 
 
 @needs_kernels
-@pytest.mark.parametrize("cin, cout, kernel, h, w", [(2, 1, 7, 9, 9), (3, 2, 3, 5, 6), (1, 3, 5, 1, 1), (4, 4, 3, 3, 8)])
+@pytest.mark.parametrize("cin, cout, kernel, h, w", [(2, 1, 7, 9, 9), (3, 2, 3, 5, 6), (1, 3, 5, 1, 1), (4, 4, 3, 3, 8),
+                                                     (2, 1, 7, 6, 21), (1, 2, 9, 10, 12)])  # 21: 8 + 8 + 5 columns; 9: taps 8 + 1
 def test_direct_conv_equals_torch(cin, cout, kernel, h, w) -> None:
     g = torch.Generator().manual_seed(cin * 10 + cout)
     x, weight = torch.randn(3, cin, h, w, generator=g), torch.randn(cout, cin, kernel, kernel, generator=g)
