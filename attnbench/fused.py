@@ -537,21 +537,32 @@ def conv_weight_grad(x: Tensor, dy: Tensor, kernel: int, stride: int, padding: i
     return dw.permute(0, 3, 1, 2)
 
 
+def _winograd_channels(name: str, ins: int, outs: int) -> None:
+    """The Winograd kernels read input channels 8 at a time and write output channels 16 at a time."""
+    if ins % 8 or outs % 16:
+        raise ValueError(f"{name}: {ins} input and {outs} output channels; it takes a multiple of 8 in and of 16 out")
+
+
 def conv3x3(x: Tensor, weight: Tensor, *, input_grad: bool = False) -> Tensor:
     """x (N, cin, H, W) convolved with weight (cout, cin, 3, 3), stride 1, zero padding 1, by
     Winograd's F(4x4, 3x3): a quarter of the direct conv's multiplies, 1.7-2.1x faster than
     oneDNN's at the CIFAR ResNets' shapes, with rounding errors about 10x the direct conv's
-    (still ~1e-5 of the output's scale). x is float32 channels_last, cin a multiple of 8 and cout
-    of 16; the result is channels_last. With input_grad, x is such a conv's output gradient and
-    the result its input gradient: the conv with weight's channels swapped and kernels turned."""
+    (still ~1e-5 of the output's scale); an inf or NaN in x reaches every output of its 4x4 tiles,
+    not only the 3x3 around it. x and weight are float32 CPU tensors, x channels_last, cin a
+    multiple of 8 and cout of 16; the result is channels_last. With input_grad, x is such a conv's
+    output gradient and the result its input gradient: the conv with weight's channels swapped
+    and kernels turned."""
     _dense(torch.channels_last, x)
+    kernels = weight.detach().contiguous()
+    _dense(torch.contiguous_format, kernels)
+    role = " (as an input gradient)" if input_grad else ""
+    if tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"conv3x3: weight {tuple(weight.shape)} is not a 3x3 kernel")
     outs, ins = weight.shape[:2] if not input_grad else weight.shape[1::-1]
-    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3) or x.shape[1] != ins or ins % 8 or outs % 16 \
-            or x.numel() == 0:
-        raise ValueError(f"conv3x3: weight {tuple(weight.shape)} is no 3x3 kernel from a multiple of 8 channels to one "
-                         f"of 16 for input {tuple(x.shape)}" + (" (as an input gradient)" if input_grad else ""))
+    if x.shape[1] != ins or x.numel() == 0:
+        raise ValueError(f"conv3x3: weight {tuple(weight.shape)}{role} takes {ins} channels, input {tuple(x.shape)}")
+    _winograd_channels("conv3x3" + role, ins, outs)
     n, _, h, w = x.shape
-    kernels = weight.detach().to(torch.float32).contiguous()
     u = torch.empty(6, 6, ins, outs)
     _library().winograd_weights(kernels.data_ptr(), weight.shape[0], weight.shape[1], input_grad, u.data_ptr())
     y = torch.empty(n, outs, h, w, memory_format=torch.channels_last)
@@ -569,9 +580,9 @@ def conv3x3_weight_grad(x: Tensor, dy: Tensor) -> Tensor:
     _dense(torch.channels_last, x, dy)
     n, cin, h, w = x.shape
     cout = dy.shape[1]
-    if cin % 8 or cout % 16 or dy.shape[0] != n or dy.shape[2:] != x.shape[2:] or x.numel() == 0:
-        raise ValueError(f"conv3x3_weight_grad: no 3x3 conv from a multiple of 8 channels to one of 16 maps "
-                         f"{tuple(x.shape)} to {tuple(dy.shape)}")
+    if dy.shape[0] != n or dy.shape[2:] != x.shape[2:] or x.numel() == 0:
+        raise ValueError(f"conv3x3_weight_grad: no 3x3 same-size conv maps {tuple(x.shape)} to {tuple(dy.shape)}")
+    _winograd_channels("conv3x3_weight_grad", cin, cout)
     dw = torch.empty(cout, 3, 3, cin)
     if _library().conv3x3_winograd_weight_grad(x.data_ptr(), dy.data_ptr(), dw.data_ptr(), n, h, w, cin, cout,
                                                torch.get_num_threads()):

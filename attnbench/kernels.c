@@ -1069,7 +1069,8 @@ int fold_backward(const float *restrict d_a, const float *restrict d_b, const fl
 
 #define TILE_ROWS 6  /* rows of a register tile: 6 x 2 accumulators, 2 loads, 6 broadcasts */
 
-/* call(rows) with rows the constant min(left, TILE_ROWS), so that a tile's loops unroll fully. */
+/* call(rows) with rows the constant min(left, TILE_ROWS), so that a tile's loops unroll fully;
+   nothing where left < 1. */
 #define BY_TILE_ROWS(left, call) do { \
         switch ((left) < TILE_ROWS ? (left) : TILE_ROWS) { \
         case 6: call(6); break; \
@@ -1077,7 +1078,7 @@ int fold_backward(const float *restrict d_a, const float *restrict d_b, const fl
         case 4: call(4); break; \
         case 3: call(3); break; \
         case 2: call(2); break; \
-        default: call(1); \
+        case 1: call(1); break; \
         } \
     } while (0)
 

@@ -95,6 +95,7 @@ def test_layer_trains_as_nn_conv2d_does(case: str, bias: bool) -> None:
     (3, 16, 16, 8, 8),     # a CIFAR ResNet layer's shape: 12 whole tiles
     (5, 16, 32, 16, 16),   # 80 tiles: 3 whole groups of 24 tiles, one of 8 (not a multiple of the 6-row tile)
     (2, 8, 48, 9, 6),      # partial tiles at the bottom and right edges; 8 channels in, 48 out
+    (2, 16, 32, 7, 10),    # partial tiles again, with the input gradient's conv (32 channels to 16)
     (2, 32, 16, 1, 1),     # one pixel: all but the centre tap read the zero border
 ])
 def test_winograd_conv_equals_the_direct_conv(n: int, cin: int, cout: int, h: int, w: int) -> None:
@@ -123,12 +124,17 @@ def test_winograd_conv_equals_the_direct_conv(n: int, cin: int, cout: int, h: in
 @needs_kernels
 @pytest.mark.parametrize("x, weight, input_grad, message", [
     (torch.randn(2, 16, 4, 4), torch.randn(16, 16, 3, 3), False, "channels_last"),
-    (torch.randn(2, 16, 4, 4).to(memory_format=CL), torch.randn(16, 16, 5, 5), False, "3x3"),
-    (torch.randn(2, 16, 4, 4).to(memory_format=CL), torch.randn(12, 16, 3, 3), False, "of 16"),
-    (torch.randn(2, 12, 4, 4).to(memory_format=CL), torch.randn(16, 12, 3, 3), False, "multiple of 8"),
-    (torch.randn(2, 16, 4, 4).to(memory_format=CL), torch.randn(16, 8, 3, 3), False, "for input"),
-    (torch.randn(2, 16, 4, 4).to(memory_format=CL), torch.randn(16, 8, 3, 3), True, "input gradient"),
-    (torch.randn(0, 16, 4, 4).to(memory_format=CL), torch.randn(16, 16, 3, 3), False, "for input"),
+    (torch.randn(2, 16, 4, 4).to(memory_format=CL), torch.randn(16, 16, 5, 5), False, "not a 3x3 kernel"),
+    (torch.randn(2, 16, 4, 4).to(memory_format=CL), torch.randn(12, 16, 3, 3), False, "16 input and 12 output"),
+    (torch.randn(2, 12, 4, 4).to(memory_format=CL), torch.randn(16, 12, 3, 3), False, "12 input and 16 output"),
+    (torch.randn(2, 16, 4, 4).to(memory_format=CL), torch.randn(16, 8, 3, 3), False, "takes 8 channels"),
+    (torch.randn(2, 16, 4, 4).to(memory_format=CL), torch.randn(16, 8, 3, 3), True,
+     r"input gradient\): 16 input and 8 output"),  # channels swapped: 16 in is fine, 8 out is not
+    (torch.randn(2, 16, 4, 4).to(memory_format=CL), torch.randn(8, 16, 3, 3), True, r"input gradient\) takes 8"),
+    (torch.randn(0, 16, 4, 4).to(memory_format=CL), torch.randn(16, 16, 3, 3), False, "takes 16 channels"),
+    (torch.randn(2, 16, 4, 4).to(memory_format=CL), torch.randn(16, 16, 3, 3, dtype=torch.float64), False, "float32"),
+    (torch.randn(2, 16, 4, 4).to(memory_format=CL), torch.empty(16, 16, 3, 3, device="meta"), False, "float32 CPU"),
+    (torch.randn(2, 16, 4, 4).to(memory_format=CL), torch.randn(16), False, "4-d"),
 ])
 def test_winograd_conv_refuses_what_it_cannot_take(x, weight, input_grad: bool, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -138,8 +144,8 @@ def test_winograd_conv_refuses_what_it_cannot_take(x, weight, input_grad: bool, 
 @needs_kernels
 @pytest.mark.parametrize("x, dy, message", [
     (torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4), "channels_last"),
-    (torch.randn(2, 12, 4, 4), torch.randn(2, 16, 4, 4), "multiple of 8"),
-    (torch.randn(2, 16, 4, 4), torch.randn(2, 8, 4, 4), "one of 16"),
+    (torch.randn(2, 12, 4, 4), torch.randn(2, 16, 4, 4), "12 input and 16 output"),
+    (torch.randn(2, 16, 4, 4), torch.randn(2, 8, 4, 4), "16 input and 8 output"),
     (torch.randn(2, 16, 4, 4), torch.randn(2, 16, 2, 2), "maps"),  # a stride-2 conv's output
     (torch.randn(2, 16, 4, 4), torch.randn(3, 16, 4, 4), "maps"),
 ])
@@ -210,8 +216,22 @@ def test_layer_is_nn_conv2d_where_the_kernels_do_not_apply(case: str) -> None:
 
 
 @needs_kernels
-def test_second_derivative_is_refused_not_wrong() -> None:
-    ours, _ = _pair(False)
+@pytest.mark.parametrize("options, path", [
+    (dict(out_channels=16), "_WinogradConvBackward"),
+    (dict(out_channels=12), "_ConvWithWeightGradInCBackward"),  # output channels not a multiple of 16
+    (dict(out_channels=16, padding=0), "_ConvWithWeightGradInCBackward"),
+    (dict(out_channels=16, stride=2), "_ConvWithWeightGradInCBackward"),
+    (dict(out_channels=16, kernel_size=5, padding=2), "_ConvWithWeightGradInCBackward"),
+])
+def test_only_same_size_3x3_convs_take_winograd(options: dict, path: str) -> None:
+    layer = Conv2d(**(RESNET_CONV | options), bias=False).to(memory_format=CL)
+    assert type(layer(torch.randn(2, 32, 8, 8).to(memory_format=CL)).grad_fn).__name__ == path
+
+
+@needs_kernels
+@pytest.mark.parametrize("cout", [12, 16], ids=["weight-grad-in-c", "winograd"])
+def test_second_derivative_is_refused_not_wrong(cout: int) -> None:
+    ours, _ = _pair(False, cout=cout)
     x = torch.randn(2, 32, 6, 6).to(memory_format=CL).requires_grad_()
     (dw,) = torch.autograd.grad(ours(x).square().sum(), [ours.weight], create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
