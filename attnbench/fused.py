@@ -537,8 +537,11 @@ def conv_weight_grad(x: Tensor, dy: Tensor, kernel: int, stride: int, padding: i
     return dw.permute(0, 3, 1, 2)
 
 
-def _winograd_channels(name: str, ins: int, outs: int) -> None:
-    """The Winograd kernels read input channels 8 at a time and write output channels 16 at a time."""
+def _winograd_operands(name: str, x: Tensor, ins: int, outs: int) -> None:
+    """The Winograd kernels take a non-empty input and read input channels 8 at a time and write
+    output channels 16 at a time."""
+    if x.numel() == 0:
+        raise ValueError(f"{name}: input {tuple(x.shape)} is empty")
     if ins % 8 or outs % 16:
         raise ValueError(f"{name}: {ins} input and {outs} output channels; it takes a multiple of 8 in and of 16 out")
 
@@ -559,12 +562,13 @@ def conv3x3(x: Tensor, weight: Tensor, *, input_grad: bool = False) -> Tensor:
     if tuple(weight.shape[2:]) != (3, 3):
         raise ValueError(f"conv3x3: weight {tuple(weight.shape)} is not a 3x3 kernel")
     outs, ins = weight.shape[:2] if not input_grad else weight.shape[1::-1]
-    if x.shape[1] != ins or x.numel() == 0:
+    if x.shape[1] != ins:
         raise ValueError(f"conv3x3: weight {tuple(weight.shape)}{role} takes {ins} channels, input {tuple(x.shape)}")
-    _winograd_channels("conv3x3" + role, ins, outs)
+    _winograd_operands("conv3x3" + role, x, ins, outs)
     n, _, h, w = x.shape
     u = torch.empty(6, 6, ins, outs)
-    _library().winograd_weights(kernels.data_ptr(), weight.shape[0], weight.shape[1], input_grad, u.data_ptr())
+    if _library().winograd_weights(kernels.data_ptr(), weight.shape[0], weight.shape[1], input_grad, u.data_ptr()):
+        raise MemoryError("conv3x3: out of memory for its kernels' transform")
     y = torch.empty(n, outs, h, w, memory_format=torch.channels_last)
     if _library().conv3x3_winograd(x.data_ptr(), u.data_ptr(), y.data_ptr(), n, h, w, ins, outs,
                                    torch.get_num_threads()):
@@ -580,9 +584,9 @@ def conv3x3_weight_grad(x: Tensor, dy: Tensor) -> Tensor:
     _dense(torch.channels_last, x, dy)
     n, cin, h, w = x.shape
     cout = dy.shape[1]
-    if dy.shape[0] != n or dy.shape[2:] != x.shape[2:] or x.numel() == 0:
+    if dy.shape[0] != n or dy.shape[2:] != x.shape[2:]:
         raise ValueError(f"conv3x3_weight_grad: no 3x3 same-size conv maps {tuple(x.shape)} to {tuple(dy.shape)}")
-    _winograd_channels("conv3x3_weight_grad", cin, cout)
+    _winograd_operands("conv3x3_weight_grad", x, cin, cout)
     dw = torch.empty(cout, 3, 3, cin)
     if _library().conv3x3_winograd_weight_grad(x.data_ptr(), dy.data_ptr(), dw.data_ptr(), n, h, w, cin, cout,
                                                torch.get_num_threads()):

@@ -1225,26 +1225,56 @@ static inline void winograd_grad_1d(const v8 z[4], v8 o[6]) {
     o[5] = z[3];
 }
 
+/* dst = M src M^T for `len` matrices at once, laid out [row][column][0..len): M = G (6 x 3) with
+   `grow`, so 3x3 kernels become 6x6 transformed ones, else G^T (3 x 6), the way back for their
+   gradients. In double, one side at a time, each a loop along the len values. */
+static void winograd_sandwich(int grow, const double *restrict src, double *restrict half, double *restrict dst,
+                              int64_t len) {
+    int rows = grow ? 6 : 3, inner = grow ? 3 : 6;
+    memset(half, 0, (size_t)(rows * inner * len) * sizeof(double));
+    memset(dst, 0, (size_t)(rows * rows * len) * sizeof(double));
+    for (int i = 0; i < rows; i++)
+        for (int k = 0; k < inner; k++) {
+            double m = grow ? WINOGRAD_G[i][k] : WINOGRAD_G[k][i];
+            if (m == 0.0) continue;
+            for (int b = 0; b < inner; b++) {  /* half = M src */
+                const double *from = src + (k * inner + b) * len;
+                double *to = half + (i * inner + b) * len;
+                for (int64_t e = 0; e < len; e++) to[e] += m * from[e];
+            }
+        }
+    for (int j = 0; j < rows; j++)
+        for (int k = 0; k < inner; k++) {
+            double m = grow ? WINOGRAD_G[j][k] : WINOGRAD_G[k][j];
+            if (m == 0.0) continue;
+            for (int i = 0; i < rows; i++) {  /* dst = half M^T */
+                const double *from = half + (i * inner + k) * len;
+                double *to = dst + (i * rows + j) * len;
+                for (int64_t e = 0; e < len; e++) to[e] += m * from[e];
+            }
+        }
+}
+
 /* u (6, 6, cin, cout) = G g G^T for each 3x3 kernel g of w (cout, cin, 3, 3) contiguous. With
    `flipped`, those of the conv that gives the input gradient instead: in and out channels swapped
-   and each kernel turned by 180 degrees, so u is (6, 6, cout, cin). In double, then rounded once. */
-void winograd_weights(const float *w, int64_t cout, int64_t cin, int flipped, float *u) {
-    const double (*G)[3] = WINOGRAD_G;
+   and each kernel turned by 180 degrees, so u is (6, 6, cout, cin). In double, then rounded once;
+   one input channel's kernels to all outputs at a time. Returns 0, or -1 when memory runs out. */
+int winograd_weights(const float *w, int64_t cout, int64_t cin, int flipped, float *u) {
     int64_t ins = flipped ? cout : cin, outs = flipped ? cin : cout;
-    for (int64_t co = 0; co < cout; co++)
-        for (int64_t ci = 0; ci < cin; ci++) {
-            const float *g = w + (co * cin + ci) * 9;
-            double gg[3][3], half[6][3];
-            for (int a = 0; a < 3; a++)
-                for (int b = 0; b < 3; b++) gg[a][b] = flipped ? g[(2 - a) * 3 + 2 - b] : g[a * 3 + b];
-            for (int i = 0; i < 6; i++)
-                for (int b = 0; b < 3; b++) half[i][b] = G[i][0] * gg[0][b] + G[i][1] * gg[1][b] + G[i][2] * gg[2][b];
-            int64_t in = flipped ? co : ci, out = flipped ? ci : co;
-            for (int i = 0; i < 6; i++)
-                for (int j = 0; j < 6; j++)
-                    u[((i * 6 + j) * ins + in) * outs + out] =
-                        (float)(half[i][0] * G[j][0] + half[i][1] * G[j][1] + half[i][2] * G[j][2]);
-        }
+    double *g = malloc((size_t)((9 + 18 + 36) * outs) * sizeof(double)), *half = g + 9 * outs, *t = half + 18 * outs;
+    if (!g) return -1;
+    for (int64_t in = 0; in < ins; in++) {
+        for (int a = 0; a < 3; a++)
+            for (int b = 0; b < 3; b++)
+                for (int64_t out = 0; out < outs; out++)
+                    g[(a * 3 + b) * outs + out] = flipped ? w[(in * cin + out) * 9 + (2 - a) * 3 + 2 - b]
+                                                          : w[(out * cin + in) * 9 + a * 3 + b];
+        winograd_sandwich(1, g, half, t, outs);
+        for (int64_t p = 0; p < 36; p++)
+            for (int64_t out = 0; out < outs; out++) u[(p * ins + in) * outs + out] = (float)t[p * outs + out];
+    }
+    free(g);
+    return 0;
 }
 
 #define WINOGRAD_TILES 24  /* tiles a thread transforms at a time: their 36 x (cin + cout) values stay in L2 */
@@ -1367,6 +1397,13 @@ static int64_t winograd_group(const struct conv *c, int64_t g, int64_t *count) {
     return t0;
 }
 
+/* over_items for a conv's groups of tiles, each thread with a scratch for one group's transformed
+   inputs (36 x cin per tile) and outputs or output gradients (36 x cout). */
+static int over_groups(const struct conv *c, int threads, int64_t size, float *out, item_work work) {
+    int64_t groups = (winograd_tile_count(c) + WINOGRAD_TILES - 1) / WINOGRAD_TILES;
+    return over_items(c, groups, threads, 36 * WINOGRAD_TILES * (c->cin + c->cout), size, out, work);
+}
+
 /* One group of tiles through the three steps: inputs transformed into the scratch's v, their
    products with the kernels summed over input channels into its m, and m back to output pixels. */
 static void winograd_conv_group(const struct conv *c, int64_t g, float *v, float *unused) {
@@ -1412,8 +1449,7 @@ static void winograd_weight_grad_group(const struct conv *c, int64_t g, float *v
 int conv3x3_winograd(const float *x, const float *u, float *y, int64_t n, int64_t h, int64_t w, int64_t cin,
                      int64_t cout, int threads) {
     struct conv c = {x, NULL, u, y, h, w, cin, cout, 3, 1, 1, h, w, n};
-    int64_t groups = (winograd_tile_count(&c) + WINOGRAD_TILES - 1) / WINOGRAD_TILES;
-    return over_items(&c, groups, threads, 36 * WINOGRAD_TILES * (cin + cout), 0, NULL, winograd_conv_group);
+    return over_groups(&c, threads, 0, NULL, winograd_conv_group);
 }
 
 /* The weight gradient dw (cout, 3, 3, cin) of that conv from its input x (n, h, w, cin) and output
@@ -1422,34 +1458,22 @@ int conv3x3_winograd(const float *x, const float *u, float *y, int64_t n, int64_
 int conv3x3_winograd_weight_grad(const float *x, const float *g, float *dw, int64_t n, int64_t h, int64_t w,
                                  int64_t cin, int64_t cout, int threads) {
     struct conv c = {x, g, NULL, NULL, h, w, cin, cout, 3, 1, 1, h, w, n};
-    int64_t groups = (winograd_tile_count(&c) + WINOGRAD_TILES - 1) / WINOGRAD_TILES;
     float *du = malloc((size_t)(36 * cin * cout) * sizeof(float));
-    if (!du || over_items(&c, groups, threads, 36 * WINOGRAD_TILES * (cin + cout), 36 * cin * cout, du,
-                           winograd_weight_grad_group)) {
+    if (!du || over_groups(&c, threads, 36 * cin * cout, du, winograd_weight_grad_group)) {
         free(du);
         return -1;
     }
-    /* G^T du G for each channel pair, one side of it at a time, along rows of output channels. */
-    double *half = malloc((size_t)(6 * 3 * cout) * sizeof(double)), *out = malloc((size_t)(3 * 3 * cout) * sizeof(double));
-    for (int64_t ci = 0; half && out && ci < cin; ci++) {
-        memset(half, 0, (size_t)(6 * 3 * cout) * sizeof(double));
-        memset(out, 0, (size_t)(3 * 3 * cout) * sizeof(double));
-        for (int i = 0; i < 6; i++)
-            for (int j = 0; j < 6; j++)
-                for (int b = 0; b < 3; b++)
-                    for (int64_t co = 0; co < cout; co++)
-                        half[(i * 3 + b) * cout + co] += WINOGRAD_G[j][b] * du[((i * 6 + j) * cin + ci) * cout + co];
-        for (int i = 0; i < 6; i++)
-            for (int a = 0; a < 3; a++)
-                for (int b = 0; b < 3; b++)
-                    for (int64_t co = 0; co < cout; co++)
-                        out[(a * 3 + b) * cout + co] += WINOGRAD_G[i][a] * half[(i * 3 + b) * cout + co];
+    /* G^T du G for each channel pair: one input channel's gradients for all outputs at a time. */
+    double *src = malloc((size_t)((36 + 18 + 9) * cout) * sizeof(double)), *half = src + 36 * cout, *t = half + 18 * cout;
+    for (int64_t ci = 0; src && ci < cin; ci++) {
+        for (int64_t p = 0; p < 36; p++)
+            for (int64_t co = 0; co < cout; co++) src[p * cout + co] = du[(p * cin + ci) * cout + co];
+        winograd_sandwich(0, src, half, t, cout);
         for (int64_t co = 0; co < cout; co++)
-            for (int ab = 0; ab < 9; ab++) dw[(co * 9 + ab) * cin + ci] = (float)out[ab * cout + co];
+            for (int ab = 0; ab < 9; ab++) dw[(co * 9 + ab) * cin + ci] = (float)t[ab * cout + co];
     }
-    int failed = !half || !out;
-    free(half);
-    free(out);
+    int failed = !src;
+    free(src);
     free(du);
     return failed ? -1 : 0;
 }

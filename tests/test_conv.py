@@ -131,7 +131,7 @@ def test_winograd_conv_equals_the_direct_conv(n: int, cin: int, cout: int, h: in
     (torch.randn(2, 16, 4, 4).to(memory_format=CL), torch.randn(16, 8, 3, 3), True,
      r"input gradient\): 16 input and 8 output"),  # channels swapped: 16 in is fine, 8 out is not
     (torch.randn(2, 16, 4, 4).to(memory_format=CL), torch.randn(8, 16, 3, 3), True, r"input gradient\) takes 8"),
-    (torch.randn(0, 16, 4, 4).to(memory_format=CL), torch.randn(16, 16, 3, 3), False, "takes 16 channels"),
+    (torch.randn(0, 16, 4, 4).to(memory_format=CL), torch.randn(16, 16, 3, 3), False, "is empty"),
     (torch.randn(2, 16, 4, 4).to(memory_format=CL), torch.randn(16, 16, 3, 3, dtype=torch.float64), False, "float32"),
     (torch.randn(2, 16, 4, 4).to(memory_format=CL), torch.empty(16, 16, 3, 3, device="meta"), False, "float32 CPU"),
     (torch.randn(2, 16, 4, 4).to(memory_format=CL), torch.randn(16), False, "4-d"),
@@ -148,6 +148,7 @@ def test_winograd_conv_refuses_what_it_cannot_take(x, weight, input_grad: bool, 
     (torch.randn(2, 16, 4, 4), torch.randn(2, 8, 4, 4), "16 input and 8 output"),
     (torch.randn(2, 16, 4, 4), torch.randn(2, 16, 2, 2), "maps"),  # a stride-2 conv's output
     (torch.randn(2, 16, 4, 4), torch.randn(3, 16, 4, 4), "maps"),
+    (torch.randn(0, 16, 4, 4), torch.randn(0, 16, 4, 4), "is empty"),
 ])
 def test_winograd_weight_grad_refuses_what_it_cannot_take(x, dy, message: str) -> None:
     channels_last = message != "channels_last"
