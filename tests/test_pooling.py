@@ -378,14 +378,15 @@ def test_a_tie_sends_the_whole_gradient_to_its_first_element(layout: str) -> Non
 
 @needs_kernels
 def test_extremes_keep_the_first_of_tied_values_across_chunks_of_rows() -> None:
-    """Over the middle dim extremes() goes 16 rows at a time with eight columns' running values in
-    registers (and one column at a time for the rest): a tie in a later chunk must not win."""
-    a = torch.zeros(2, 40, 11)
+    """Over the middle dim extremes() goes 16 rows at a time with sixteen or eight columns' running
+    values in registers (and one column at a time for the rest: 27 = 16 + 8 + 3 columns here): a
+    tie in a later chunk must not win."""
+    a = torch.zeros(2, 40, 27)
     a[:, 3], a[:, 20], a[:, 35] = 7.0, 7.0, 7.0  # maxima tied across three chunks, in every column
     a[:, 5], a[:, 37] = -7.0, -7.0  # minima tied across chunks
     high, at_high, low, at_low, total, _ = fused.extremes(a, False, low=True, total=True)
-    assert torch.equal(high, torch.full((2, 11), 7.0)) and torch.equal(at_high, torch.full((2, 11), 3))
-    assert torch.equal(low, torch.full((2, 11), -7.0)) and torch.equal(at_low, torch.full((2, 11), 5))
+    assert torch.equal(high, torch.full((2, 27), 7.0)) and torch.equal(at_high, torch.full((2, 27), 3))
+    assert torch.equal(low, torch.full((2, 27), -7.0)) and torch.equal(at_low, torch.full((2, 27), 5))
     assert torch.equal(total, a.double().sum(1))
 
 
