@@ -166,7 +166,7 @@ class _FoldedGraph:
     bit. `outputs` is (a * scale, b * scale (+ the attention's shift))."""
 
     def __init__(self, fold: _AfterNorm, found: dict[str, Tensor], shape: tuple[int, ...], params: tuple[Tensor, ...]):
-        norm, self.fold, self.shape = fold.norm, fold, shape
+        norm, self.norm, self.shape = fold.norm, fold.norm, shape
         self.x_pools = {p: found[p] for p in fold.x_pools}
         self.a, self.b, batch_mean, invstd, of_y = fused.fold_forward(
             self.x_pools, fold.pixels, norm.weight.detach(), norm.bias.detach(), norm.eps, *running_update(norm), fold.pools)
@@ -184,7 +184,7 @@ class _FoldedGraph:
         to_scale = d_scale * self.a.view(1, -1, 1, 1) + d_shift * self.b.view(1, -1, 1, 1)
         by_y, param_grads = self.attention.differentiate((to_scale, d_shift))
         d_a, d_b = (d_scale * scale).sum((0, 2, 3)), (d_shift * scale).sum((0, 2, 3))
-        norm = self.fold.norm
+        norm = self.norm
         by_x, d_weight, d_bias = fused.fold_backward(d_a, d_b, {p: g for p, g in by_y.items() if g is not None},
                                                      self.x_pools, norm.weight.detach(), self.kept)
         for at, p in enumerate(self.attention.params):
