@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     par = p.add_argument_group("parallel runs")
     par.add_argument("--workers", type=int, default=1,
                      help="worker processes on this machine, each taking runs from the queue")
-    par.add_argument("--gpus", type=_int_list, default=(), help="one worker per listed GPU, e.g. 0,1,2,3")
+    par.add_argument("--gpus", type=_int_list, default=(),
+                     help="a worker per listed GPU, e.g. 0,1,2,3; with --workers N, N workers spread over them in turn")
     par.add_argument("--slurm", action="store_true", help="submit --workers workers as a Slurm job array (submitit)")
     par.add_argument("--slurm-partition", default=None, help="Slurm partition")
     par.add_argument("--slurm-time", type=int, default=24 * 60, help="time limit per worker job, minutes")
@@ -276,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--workers {args.workers}: need at least 1 worker")
     if args.slurm:
         require_slurm()
-    slots = gpu_slots(args.gpus) if args.gpus else [None] * args.workers
+    slots = gpu_slots(args.gpus, args.workers) if args.gpus else [None] * args.workers
     device = resolve_device("cuda" if args.gpus else args.device)
     check_amp(configs[0].amp, device)
     rt = Runtime(device=device, compile=args.compile, channels_last=not args.no_channels_last, progress=args.progress)
@@ -376,11 +377,16 @@ def cpu_threads(requested: int, workers: int) -> int:
     return requested or max(1, (os.cpu_count() or 1) // workers)
 
 
-def gpu_slots(gpus: tuple[int, ...]) -> list[str | None]:
-    """One worker per listed GPU, each to be pinned to it."""
+def gpu_slots(gpus: tuple[int, ...], workers: int = 1) -> list[str | None]:
+    """The GPU each worker is pinned to: one worker per listed GPU, or `workers` of them given to
+    the GPUs in turn (several small runs can share a large GPU)."""
     visible = torch.cuda.device_count()
     bad = [g for g in gpus if not 0 <= g < visible]
     if bad:
         raise UserError(f"--gpus: GPU {bad[0]} does not exist ({visible} CUDA device(s) visible"
                         + (f": 0..{visible - 1})" if visible else ")") + "; drop --gpus to train on the CPU")
-    return [str(g) for g in dict.fromkeys(gpus)]
+    unique = [str(g) for g in dict.fromkeys(gpus)]
+    if 1 < workers < len(unique):
+        raise UserError(f"--workers {workers} with {len(unique)} GPUs in --gpus would leave GPUs idle; "
+                        f"list {workers} GPUs, or give --workers {len(unique)} or more")
+    return [unique[i % len(unique)] for i in range(max(workers, len(unique)))]

@@ -7,7 +7,8 @@ import sys
 import pandas as pd
 import pytest
 
-from attnbench.cli import main
+from attnbench.cli import gpu_slots, main
+from attnbench.errors import UserError
 from attnbench.config import preset
 from attnbench.storage import RunStore, open_storage
 
@@ -110,6 +111,20 @@ def test_unknown_module_is_one_line_and_writes_nothing(tmp_path, results, capsys
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, results, capsys, args, needles):
     one_line_error(capsys, run_cli(tmp_path, *args), *needles)
     assert not list(results.iterdir())
+
+
+def test_gpus_take_one_worker_each_or_the_workers_in_turn(monkeypatch):
+    """--gpus 0,1 is a worker per GPU; with --workers 4, two per GPU; fewer workers than GPUs
+    (but more than the default 1) would leave a listed GPU idle, which is refused."""
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 4)
+    assert gpu_slots((0, 1)) == ["0", "1"]
+    assert gpu_slots((0, 1, 1)) == ["0", "1"]
+    assert gpu_slots((0, 1), workers=4) == ["0", "1", "0", "1"]
+    assert gpu_slots((2, 3), workers=3) == ["2", "3", "2"]
+    with pytest.raises(UserError, match="--workers 2 with 3 GPUs"):
+        gpu_slots((0, 1, 2), workers=2)
+    with pytest.raises(UserError, match="GPU 4 does not exist"):
+        gpu_slots((4,), workers=2)
 
 
 def test_diverging_run_is_recorded_as_failed_and_the_grid_goes_on(tmp_path, results, capsys):
