@@ -150,8 +150,9 @@ class _Graph:
         and of each of params (None where it needs none)."""
         pairs = [(t, d.float().view(t.shape)) for t, d in zip(self.outputs, grads) if t.requires_grad and d is not None]
         wanted = [p for p in self.params if p.requires_grad]
-        found = torch.autograd.grad([t for t, _ in pairs], [*self.leaves, *wanted], [d for _, d in pairs],
-                                    allow_unused=True, retain_graph=True) if pairs else [None] * (len(self.leaves) + len(wanted))
+        inputs = [*self.leaves, *wanted]
+        found = torch.autograd.grad([t for t, _ in pairs], inputs, [d for _, d in pairs], allow_unused=True,
+                                    retain_graph=True) if pairs else [None] * len(inputs)
         param_grads = iter(found[len(self.leaves):])
         return dict(zip(self.pools, found[:len(self.leaves)])), [next(param_grads) if p.requires_grad else None
                                                                  for p in self.params]
@@ -169,7 +170,8 @@ class _FoldedGraph:
         norm, self.norm, self.shape = fold.norm, fold.norm, shape
         self.x_pools = {p: found[p] for p in fold.x_pools}
         self.a, self.b, batch_mean, invstd, of_y = fused.fold_forward(
-            self.x_pools, fold.pixels, norm.weight.detach(), norm.bias.detach(), norm.eps, *running_update(norm), fold.pools)
+            self.x_pools, fold.pixels, norm.weight.detach(), norm.bias.detach(), norm.eps, *running_update(norm),
+            fold.pools)
         self.kept = self.a, batch_mean, invstd
         self.attention = _Graph(fold.attention, fold.pools, dict(zip(fold.pools, of_y)), shape, params)
         scale = self.attention.outputs[0].detach()
