@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import platform
 import sys
+import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
@@ -52,6 +55,9 @@ def open_study(storage: optuna.storages.BaseStorage, module: str, dataset: str) 
 
 
 def objective(trial: optuna.Trial, spec: registry.ModuleSpec, base: RunConfig, splits: Splits, rt: Runtime) -> float:
+    from attnbench.bench import worker_name
+
+    trial.set_user_attr("worker", worker_name())  # so that optimise_in_workers can close it if this process dies
     options = spec.suggest(trial)
     trial.set_user_attr("options", options)
     cfg = replace(base, module=spec.name, options=tuple(sorted(options.items())))
@@ -151,13 +157,55 @@ def _tune_worker(storage_url: str, results_dir: Path, module: str, base: RunConf
              SplitCache(data_dir, download, rt)[base], rt, trials)
 
 
-def optimise_in_workers(n: int, *args: Any) -> None:
-    """n processes tuning one study; Optuna's storage hands each its own trials."""
+def optimise_in_workers(n: int, storage_url: str, results_dir: Path, module: str, base: RunConfig, data_dir: Path,
+                        download: bool, trials: int, threads: int, plugins: tuple[str, ...], poll: float = 1.0) -> None:
+    """n processes tuning one study; Optuna's storage hands each its own trials. A worker that
+    dies (killed, out of memory) would leave its trial RUNNING for good, since a journal file has
+    no heartbeat: its trial is closed as FAIL, with the reason, and a new worker started while
+    the study lacks finished trials (at most MAX_CRASHES restarts per worker, pooled)."""
+    from attnbench.storage import open_storage
+    from attnbench.workers import MAX_CRASHES
+
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_tune_worker, args=args) for _ in range(n)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    if any(p.exitcode for p in procs):
-        print(f"warning: {sum(bool(p.exitcode) for p in procs)} tuning worker(s) failed", file=sys.stderr)
+    args = (storage_url, results_dir, module, base, data_dir, download, trials, threads, plugins)
+
+    def start() -> mp.Process:
+        proc = ctx.Process(target=_tune_worker, args=args)
+        proc.start()
+        return proc
+
+    storage = open_storage(storage_url, results_dir)
+    study = open_study(storage, module, base.dataset)
+    procs, host, crashes = [start() for _ in range(n)], platform.node(), 0
+    try:
+        while procs:
+            time.sleep(poll)
+            for proc in [p for p in procs if not p.is_alive()]:
+                procs.remove(proc)
+                if proc.exitcode == 0:
+                    continue
+                crashes += 1
+                worker, reason = f"{host}:{proc.pid}", f"tuning worker {proc.pid} died (exit code {proc.exitcode})"
+                for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                    if trial.user_attrs.get("worker") == worker:
+                        _close_as_failed(storage, study, trial, reason)
+                finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+                restart = finished < trials and crashes <= MAX_CRASHES * n
+                print(f"{reason}; {'started another' if restart else 'not replaced'}", file=sys.stderr)
+                if restart:
+                    procs.append(start())
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.join()
+
+
+def _close_as_failed(storage: optuna.storages.BaseStorage, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                     reason: str) -> None:
+    study_id = storage.get_study_id_from_name(study.study_name)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+    try:
+        storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    except UpdateFinishedTrialError:  # it finished after all, between the look and the write
+        pass

@@ -1,5 +1,12 @@
 """Tuning: a tiny study with pruning completes, writes tuning.md, and feeds --opt MODULE=tuned."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import optuna
 import pandas as pd
 import pytest
@@ -61,3 +68,32 @@ def test_tuned_without_a_study_is_refused(tmp_path, capsys):
     assert main([*TINY, "--modules", "spe", "--opt", "spe=tuned", "--results-dir", str(tmp_path)]) == 2
     assert "nothing has run there yet" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_killed_tuning_worker_trial_is_closed_and_the_study_still_finishes(tmp_path):
+    """Two tuning workers; one is killed in a trial: its trial is closed as FAIL with the reason
+    (not left RUNNING), a new worker starts, and the study still gets its finished trials."""
+    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "run_bench.py"), "--preset", "quick",
+           "--train-size", "256", "--epochs", "6", "--no-progress", "--tune", "spe", "--trials", "3",
+           "--workers", "2", "--results-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    victim, deadline = None, time.time() + 120
+    while victim is None and time.time() < deadline:
+        time.sleep(0.3)
+        try:
+            study = optuna.load_study(study_name=study_name("spe", "synthetic"), storage=open_storage(None, tmp_path))
+        except KeyError:  # not created yet
+            continue
+        victim = next((t for t in study.get_trials(deepcopy=False) if t.state.name == "RUNNING"
+                       and "worker" in t.user_attrs and len(t.intermediate_values) >= 1), None)
+    assert victim is not None, "no tuning trial reached its first epoch"
+    pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
+    os.kill(pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert f"tuning worker {pid} died (exit code -9); started another" in err
+    study = optuna.load_study(study_name=study_name("spe", "synthetic"), storage=open_storage(None, tmp_path))
+    killed = next(t for t in study.trials if t.number == victim.number)
+    assert killed.state.name == "FAIL" and f"worker {pid} died" in killed.user_attrs["fail_reason"]
+    assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) >= 3
+    assert not [t for t in study.trials if t.state.name == "RUNNING"]
