@@ -13,7 +13,6 @@ import math
 import multiprocessing as mp
 import platform
 import sys
-import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -162,9 +161,9 @@ def optimise_in_workers(n: int, storage_url: str, results_dir: Path, module: str
     """n processes tuning one study; Optuna's storage hands each its own trials. A worker that
     dies (killed, out of memory) would leave its trial RUNNING for good, since a journal file has
     no heartbeat: its trial is closed as FAIL, with the reason, and a new worker started while
-    the study lacks finished trials (at most MAX_CRASHES restarts per worker, pooled)."""
+    the study lacks finished trials, as workers.launch() does for runs."""
     from attnbench.storage import open_storage
-    from attnbench.workers import MAX_CRASHES
+    from attnbench.workers import supervise
 
     ctx = mp.get_context("spawn")
     args = (storage_url, results_dir, module, base, data_dir, download, trials, threads, plugins)
@@ -176,28 +175,15 @@ def optimise_in_workers(n: int, storage_url: str, results_dir: Path, module: str
 
     storage = open_storage(storage_url, results_dir)
     study = open_study(storage, module, base.dataset)
-    procs, host, crashes = [start() for _ in range(n)], platform.node(), 0
-    try:
-        while procs:
-            time.sleep(poll)
-            for proc in [p for p in procs if not p.is_alive()]:
-                procs.remove(proc)
-                if proc.exitcode == 0:
-                    continue
-                crashes += 1
-                worker, reason = f"{host}:{proc.pid}", f"tuning worker {proc.pid} died (exit code {proc.exitcode})"
-                for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                    if trial.user_attrs.get("worker") == worker:
-                        _close_as_failed(storage, study, trial, reason)
-                finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-                restart = finished < trials and crashes <= MAX_CRASHES * n
-                print(f"{reason}; {'started another' if restart else 'not replaced'}", file=sys.stderr)
-                if restart:
-                    procs.append(start())
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.join()
+
+    def close_trial(proc: mp.Process) -> None:
+        worker, reason = f"{platform.node()}:{proc.pid}", f"tuning worker {proc.pid} died (exit code {proc.exitcode})"
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial.user_attrs.get("worker") == worker:
+                _close_as_failed(storage, study, trial, reason)
+        print(f"{reason}; its trial is closed as failed", file=sys.stderr)
+
+    supervise([start] * n, close_trial, lambda: len(study.get_trials(deepcopy=False, states=FINISHED)) < trials, poll)
 
 
 def _close_as_failed(storage: optuna.storages.BaseStorage, study: optuna.Study, trial: optuna.trial.FrozenTrial,

@@ -9,6 +9,7 @@ its checkpoint) and starts a replacement while runs are left.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import os
 import platform
@@ -17,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -82,8 +84,21 @@ def launch(settings: WorkerSettings, store: RunStore, slots: list[str | None], p
                     os.environ["CUDA_VISIBLE_DEVICES"] = env_before
         return proc
 
-    procs = {i: start(slot) for i, slot in enumerate(slots)}
-    host, crashes = platform.node(), 0
+    def release(proc: mp.Process) -> None:
+        worker = f"{platform.node()}:{proc.pid}"
+        held = store.release_worker(worker, f"worker {worker} died (exit code {proc.exitcode})")
+        print(f"worker {proc.pid} died (exit code {proc.exitcode}); requeued {held} run(s)", file=sys.stderr)
+
+    supervise([functools.partial(start, slot) for slot in slots], release, lambda: store.pending() > 0, poll)
+
+
+def supervise(starts: list[Callable[[], mp.Process]], on_death: Callable[[mp.Process], None],
+              work_left: Callable[[], bool], poll: float = 1.0) -> None:
+    """Keep one process per entry of `starts` running while work_left(): one that exits with an
+    error goes to on_death (which gives back what it held) and is started again, at most
+    MAX_CRASHES times per entry, pooled. Whatever still runs on the way out is stopped."""
+    procs = {i: start() for i, start in enumerate(starts)}
+    crashes = 0
     try:
         while procs:
             time.sleep(poll)
@@ -93,12 +108,9 @@ def launch(settings: WorkerSettings, store: RunStore, slots: list[str | None], p
                 del procs[i]
                 if proc.exitcode != 0:
                     crashes += 1
-                    held = store.release_worker(f"{host}:{proc.pid}", f"worker {host}:{proc.pid} died "
-                                                                      f"(exit code {proc.exitcode})")
-                    print(f"worker {proc.pid} died (exit code {proc.exitcode}); requeued {held} run(s)",
-                          file=sys.stderr)
-                if store.pending() and crashes <= MAX_CRASHES * len(slots):
-                    procs[i] = start(slots[i])
+                    on_death(proc)
+                if work_left() and crashes <= MAX_CRASHES * len(starts):
+                    procs[i] = starts[i]()
     finally:
         for proc in procs.values():
             proc.terminate()

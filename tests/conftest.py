@@ -2,7 +2,10 @@
 C kernels' check."""
 
 import os
+import signal
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -57,3 +60,19 @@ def clean_registry():
     yield registry
     registry._REGISTRY.clear(); registry._REGISTRY.update(saved[0])
     registry._ALIASES.clear(); registry._ALIASES.update(saved[1])
+
+
+def kill_a_worker_mid_trial(trials: Callable[[], list]) -> tuple:
+    """Wait (up to 2 minutes) for a RUNNING trial that has reported an epoch and names its worker
+    (host:pid); SIGKILL that worker. `trials` lists the study's trials ([] before it exists).
+    Returns (the trial as it was, the pid)."""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.3)
+        victim = next((t for t in trials() if t.state.name == "RUNNING" and "worker" in t.user_attrs
+                       and len(t.intermediate_values) >= 1), None)
+        if victim is not None:
+            pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
+            os.kill(pid, signal.SIGKILL)
+            return victim, pid
+    raise AssertionError("no trial reached its first epoch")

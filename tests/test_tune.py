@@ -1,10 +1,7 @@
 """Tuning: a tiny study with pruning completes, writes tuning.md, and feeds --opt MODULE=tuned."""
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -14,6 +11,7 @@ import pytest
 from attnbench.cli import main
 from attnbench.storage import open_storage
 from attnbench.tune import study_name
+from conftest import kill_a_worker_mid_trial
 
 TINY = ["--preset", "quick", "--train-size", "400", "--epochs", "2", "--no-progress"]
 
@@ -77,21 +75,18 @@ def test_a_killed_tuning_worker_trial_is_closed_and_the_study_still_finishes(tmp
            "--train-size", "256", "--epochs", "6", "--no-progress", "--tune", "spe", "--trials", "3",
            "--workers", "2", "--results-dir", str(tmp_path)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    victim, deadline = None, time.time() + 120
-    while victim is None and time.time() < deadline:
-        time.sleep(0.3)
+
+    def trials() -> list:
         try:
-            study = optuna.load_study(study_name=study_name("spe", "synthetic"), storage=open_storage(None, tmp_path))
+            return optuna.load_study(study_name=study_name("spe", "synthetic"),
+                                     storage=open_storage(None, tmp_path)).get_trials(deepcopy=False)
         except KeyError:  # not created yet
-            continue
-        victim = next((t for t in study.get_trials(deepcopy=False) if t.state.name == "RUNNING"
-                       and "worker" in t.user_attrs and len(t.intermediate_values) >= 1), None)
-    assert victim is not None, "no tuning trial reached its first epoch"
-    pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
-    os.kill(pid, signal.SIGKILL)
+            return []
+
+    victim, pid = kill_a_worker_mid_trial(trials)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert f"tuning worker {pid} died (exit code -9); started another" in err
+    assert f"tuning worker {pid} died (exit code -9); its trial is closed as failed" in err
     study = optuna.load_study(study_name=study_name("spe", "synthetic"), storage=open_storage(None, tmp_path))
     killed = next(t for t in study.trials if t.number == victim.number)
     assert killed.state.name == "FAIL" and f"worker {pid} died" in killed.user_attrs["fail_reason"]

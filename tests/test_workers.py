@@ -2,7 +2,6 @@
 on the default journal file, on PostgreSQL, and as a (local) Slurm job array."""
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from attnbench.config import preset
 from attnbench.storage import RunStore, open_storage
 from attnbench.train import Runtime
 from attnbench.workers import WorkerSettings, submit_slurm
+from conftest import kill_a_worker_mid_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ["--preset", "quick", "--train-size", "256", "--modules", "se", "--seeds", "0,1", "--no-progress"]
@@ -51,17 +51,7 @@ def test_two_workers_finish_the_grid_each_run_once(tmp_path):
 def test_killed_worker_run_is_finished_by_another(tmp_path):
     proc = subprocess.Popen(bench(tmp_path, "--workers", "2", "--epochs", "6"), stderr=subprocess.PIPE, text=True)
     store = RunStore(open_storage(None, tmp_path))
-    victim = None
-    deadline = time.time() + 120
-    while victim is None and time.time() < deadline:
-        time.sleep(0.3)
-        for t in store.study.get_trials(deepcopy=False):
-            if t.state.name == "RUNNING" and len(t.intermediate_values) >= 1:
-                victim = t
-                break
-    assert victim is not None, "no run reached its first epoch"
-    pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
-    os.kill(pid, signal.SIGKILL)
+    victim, pid = kill_a_worker_mid_trial(lambda: store.study.get_trials(deepcopy=False))
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert f"worker {pid} died" in err
