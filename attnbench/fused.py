@@ -185,8 +185,8 @@ def sums(a: Tensor, b: Tensor | None, over_last: bool, *, plain: bool = True, re
     relu_scale, relu_shift = _relu_of(relu_of_b, b, over_last, out, relu_out)
     sum_a = torch.empty(out, dtype=torch.float64) if plain else None
     sum_ab = torch.empty(out, dtype=torch.float64) if b is not None else None
-    _library().sums(a.data_ptr(), _ptr(b), n, m, k, over_last, _ptr(relu_out), _ptr(masked), _ptr(relu_scale),
-                    _ptr(relu_shift), _ptr(sum_a), _ptr(sum_ab), torch.get_num_threads())
+    _checked(_library().sums(a.data_ptr(), _ptr(b), n, m, k, over_last, _ptr(relu_out), _ptr(masked),
+                             _ptr(relu_scale), _ptr(relu_shift), _ptr(sum_a), _ptr(sum_ab), torch.get_num_threads()))
     return sum_a, sum_ab
 
 
@@ -210,8 +210,8 @@ def extremes(a: Tensor, over_last: bool, *, low: bool, total: bool = False,
     high, at_high = torch.empty(out), torch.empty(out, dtype=torch.long)
     lo, at_low = (torch.empty(out), torch.empty(out, dtype=torch.long)) if low else (None, None)
     sum_a, sum_aa = (torch.empty(out, dtype=torch.float64) if wanted else None for wanted in (total, squares))
-    _library().extremes(a.data_ptr(), n, m, k, over_last, high.data_ptr(), at_high.data_ptr(), _ptr(lo), _ptr(at_low),
-                       _ptr(sum_a), _ptr(sum_aa), torch.get_num_threads())
+    _checked(_library().extremes(a.data_ptr(), n, m, k, over_last, high.data_ptr(), at_high.data_ptr(), _ptr(lo),
+                                 _ptr(at_low), _ptr(sum_a), _ptr(sum_aa), torch.get_num_threads()))
     return high, at_high, lo, at_low, sum_a, sum_aa
 
 
@@ -261,8 +261,14 @@ def _positions(at: Tensor, shape: list[int]) -> Tensor:
     return at.reshape(shape).contiguous()
 
 
+OUT_OF_MEMORY = -2  # kernels.c's code for a buffer of its own it could not allocate
+
+
 def _checked(status: int) -> None:
-    """A kernel that indexes with positions returns -1 if one was outside the dim it indexes."""
+    """Raise for a kernel's status: OUT_OF_MEMORY, or -1 from one that indexes with positions
+    where one was outside the dim it indexes."""
+    if status == OUT_OF_MEMORY:
+        raise MemoryError("the CPU kernels could not allocate their working buffers: out of memory")
     if status:
         raise ValueError("peak positions must lie inside the dim they index (0 <= position < its size)")
 
@@ -278,8 +284,8 @@ def outer_pools(x: Tensor, a: Tensor, b: Tensor | None = None) -> tuple[Tensor, 
     a, b = _per(a, [n, k]), _per(b, [n, k])
     high, at = torch.empty(per_pixel), torch.empty(per_pixel, dtype=torch.long)
     total = torch.empty(per_pixel, dtype=torch.float64)
-    _library().outer_pools(x.data_ptr(), a.data_ptr(), _ptr(b), n, m, k, high.data_ptr(), at.data_ptr(),
-                           total.data_ptr(), torch.get_num_threads())
+    _checked(_library().outer_pools(x.data_ptr(), a.data_ptr(), _ptr(b), n, m, k, high.data_ptr(), at.data_ptr(),
+                                    total.data_ptr(), torch.get_num_threads()))
     return high, at, total
 
 

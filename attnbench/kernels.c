@@ -75,6 +75,11 @@ static void repeat_columns(const float *const *arrays, int count, int64_t k, int
    the forward's (both contract it into the same fused multiply-add, or both do not). */
 static inline float affine(float x, float s, float t) { return x * s + t; }
 
+/* What the gate kernels below return where a buffer of their own could not be allocated, for the
+   wrapper to raise MemoryError (they return -1 for a position out of range, BAD_POSITION). The
+   norm, fold and conv kernels, which take no positions, return -1 for it. */
+#define OUT_OF_MEMORY -2
+
 /* The gates' spans over the middle dim: 64 values. At 256, as the batch norm has them, the
    per-image setup made ResNet-164's 8x8 layers slower (0.08 against 0.15 ms at 64 channels). */
 #define GATE_SPAN 64
@@ -97,11 +102,16 @@ struct column_sums {
 };
 
 /* Sums over the rows of x (rows x k, contiguous) to come, in lanes of span (a multiple of k),
-   squares about their first rows' mean. */
+   squares about their first rows' mean; x0 is NULL if the lanes could not be allocated. */
 static struct column_sums column_sums_start(const float *x, int64_t rows, int64_t k, int64_t span, int squares) {
     struct column_sums c = {k, span, 0, squares, calloc(3 * span, sizeof(float)), NULL, NULL,
                             calloc(2 * span, sizeof(double)), NULL};
-    if (!c.x0 || !c.sum_a) abort();
+    if (!c.x0 || !c.sum_a) {
+        free(c.x0);
+        free(c.sum_a);
+        c.x0 = NULL;
+        return c;
+    }
     c.lane_a = c.x0 + span;
     c.lane_ab = c.x0 + 2 * span;
     c.sum_ab = c.sum_a + span;
@@ -186,9 +196,9 @@ static inline const float *past_relu_of(const float *a, const float *x, const fl
    middle dim: float lanes (column_sums), with b == a a sum of squares about the mean of each
    image's first rows; there relu_scale and relu_shift (per (n, k), or NULL) may instead give the
    ReLU's input as b * relu_scale + relu_shift, and a is masked by it without being written out. */
-void sums(const float *a, const float *b, int64_t n, int64_t m, int64_t k, int over_last,
-          const float *relu_out, float *masked, const float *relu_scale, const float *relu_shift,
-          double *sum_a, double *sum_ab, int threads) {
+int sums(const float *a, const float *b, int64_t n, int64_t m, int64_t k, int over_last,
+         const float *relu_out, float *masked, const float *relu_scale, const float *relu_shift,
+         double *sum_a, double *sum_ab, int threads) {
     if (over_last) {
         #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t r = 0; r < n * m; r++) {
@@ -206,22 +216,28 @@ void sums(const float *a, const float *b, int64_t n, int64_t m, int64_t k, int o
                 sum_ab[r] = p;
             }
         }
-        return;
+        return 0;
     }
     int64_t span = span_rows(k, GATE_SPAN) * k;
+    int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
         /* with relu_scale: the masked values, then the ReLU's scale and shift repeated */
         float *scratch = relu_scale ? malloc((size_t)(3 * span) * sizeof(float)) : NULL;
-        if (relu_scale && !scratch) abort();
+        int short_of_memory = relu_scale && !scratch;
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < n; i++) {  /* over the middle dim: a span of rows at a time, running sums per column */
+            if (short_of_memory) continue;
             const float *relu_of[2] = {relu_scale ? relu_scale + i * k : NULL, relu_scale ? relu_shift + i * k : NULL};
             if (scratch && span > k) {
                 repeat_columns(relu_of, 2, k, span, scratch + span);
                 relu_of[0] = scratch + span, relu_of[1] = scratch + 2 * span;
             }
             struct column_sums c = column_sums_start(a + i * m * k, m, k, span, b == a);
+            if (!c.x0) {
+                short_of_memory = 1;
+                continue;
+            }
             for (int64_t at = i * m * k, end = at + m * k; at < end; at += span) {
                 int64_t len = end - at < span ? end - at : span;
                 const float *g = scratch ? past_relu_of(a + at, b + at, relu_of[0], relu_of[1], scratch, len)
@@ -230,8 +246,13 @@ void sums(const float *a, const float *b, int64_t n, int64_t m, int64_t k, int o
             }
             column_sums_end(&c, sum_a ? sum_a + i * k : NULL, sum_ab ? sum_ab + i * k : NULL, m);
         }
+        if (short_of_memory) {
+            #pragma omp atomic write
+            failed = 1;
+        }
         free(scratch);
     }
+    return failed ? OUT_OF_MEMORY : 0;
 }
 
 /* Index of the first element of x[0..k) equal to v (0 if none: v is a NaN). */
@@ -320,8 +341,8 @@ static void extremes_of_1(const float *x, int64_t k, int64_t j, int32_t r0, int3
    first occurrence along that dim, and (if not NULL) the sum and the sum of squares in the same
    read. Where a NaN is among the values, which value is reported is unspecified (torch reports
    the NaN); the gate's output is NaN either way, since the NaN is multiplied through. */
-void extremes(const float *a, int64_t n, int64_t m, int64_t k, int over_last, float *high, int64_t *at_high,
-              float *low, int64_t *at_low, double *total, double *squares, int threads) {
+int extremes(const float *a, int64_t n, int64_t m, int64_t k, int over_last, float *high, int64_t *at_high,
+             float *low, int64_t *at_low, double *total, double *squares, int threads) {
     if (over_last) {  /* each value, then its first position, by vectorised loops over the row (in L1) */
         #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t r = 0; r < n * m; r++) {
@@ -345,16 +366,22 @@ void extremes(const float *a, int64_t n, int64_t m, int64_t k, int over_last, fl
                 if (squares) squares[r] = sq;
             }
         }
-        return;
+        return 0;
     }
+    int failed = 0;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t i = 0; i < n; i++) {  /* over the middle dim: a chunk of rows, eight columns at a time */
         const float *x = a + i * m * k;
         float *hi = high + i * k, *lo = low ? low + i * k : NULL;
         int32_t *best = calloc(2 * k, sizeof(int32_t));  /* 32-bit, like the floats, to blend in the same lanes */
-        if (!best) abort();
         struct column_sums c = {0};
-        if (total || squares) c = column_sums_start(x, m, k, k, squares != NULL);
+        if (best && (total || squares)) c = column_sums_start(x, m, k, k, squares != NULL);
+        if (!best || ((total || squares) && !c.x0)) {
+            free(best);
+            #pragma omp atomic write
+            failed = 1;
+            continue;
+        }
         struct column_sums *col_sums = total || squares ? &c : NULL;
         for (int64_t j = 0; j < k; j++) {
             hi[j] = x[j];
@@ -381,6 +408,7 @@ void extremes(const float *a, int64_t n, int64_t m, int64_t k, int over_last, fl
         }
         free(best);
     }
+    return failed ? OUT_OF_MEMORY : 0;
 }
 
 /* The kernels below index with positions that Python hands them, so each position is checked
@@ -464,13 +492,15 @@ int scale_rows(const float *a, int64_t n, int64_t m, int64_t k, int over_last, c
     /* Over the middle dim: a span of rows at a time, each image's scale, shift, b_scale and ReLU
        scale and shift repeated along the span where it holds more than one row. */
     int64_t span = span_rows(k, GATE_SPAN) * k;
+    int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
         /* the five repeated arrays, then the masked values where the ReLU is recomputed */
         float *per = span > k || relu_scale ? malloc((size_t)(6 * span) * sizeof(float)) : NULL;
-        if ((span > k || relu_scale) && !per) abort();
+        int short_of_memory = (span > k || relu_scale) && !per;
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < n; i++) {
+            if (short_of_memory) continue;
             const float *col[5] = {scale + i * k, shift + i * k, b ? b_scale + i * k : NULL,
                                    relu_scale ? relu_scale + i * k : NULL, relu_scale ? relu_shift + i * k : NULL};
             if (span > k) {
@@ -497,9 +527,13 @@ int scale_rows(const float *a, int64_t n, int64_t m, int64_t k, int over_last, c
                 bad = 1;
             }
         }
+        if (short_of_memory) {
+            #pragma omp atomic write
+            failed = 1;
+        }
         free(per);
     }
-    return bad ? -1 : 0;
+    return failed ? OUT_OF_MEMORY : bad ? -1 : 0;
 }
 
 /* A channel gate, then a spatial gate on its output (CBAM), in three passes forward and three
@@ -508,8 +542,8 @@ int scale_rows(const float *a, int64_t n, int64_t m, int64_t k, int over_last, c
    folded batch norm's) and s[n][m] the spatial one's, so y1 = x * a + b and y = y1 * s. */
 
 /* Per pixel, over the channels of y1 = x * a + b: the max with its first position and the sum. */
-void outer_pools(const float *x, const float *a, const float *b, int64_t n, int64_t m, int64_t k, float *high,
-                 int64_t *at_high, double *total, int threads) {
+int outer_pools(const float *x, const float *a, const float *b, int64_t n, int64_t m, int64_t k, float *high,
+                int64_t *at_high, double *total, int threads) {
     int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
@@ -537,7 +571,7 @@ void outer_pools(const float *x, const float *a, const float *b, int64_t n, int6
         }
         free(y1);
     }
-    if (failed) abort();  /* k floats per thread: only an exhausted heap gets here */
+    return failed ? OUT_OF_MEMORY : 0;
 }
 
 /* Per pixel, over the channels: sum of dy * (x * a + b), the gradient of the spatial scale s (b,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -374,6 +377,33 @@ def test_a_tie_sends_the_whole_gradient_to_its_first_element(layout: str) -> Non
     expected = torch.full((1, 3, 4, 4), 5.0)
     expected[:, :, 1, 2] += 10.0
     assert torch.equal(x.grad, expected)
+
+
+_OUT_OF_MEMORY_IN_A_KERNEL = """
+import resource, torch
+from attnbench import fused
+torch.set_num_threads(1)
+fused.extremes(torch.rand(1, 2, 64), False, low=True, total=True)  # the library and its thread are up
+a = torch.rand(1, 2, 2**24)
+mapped = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+# room for the wrapper's five outputs (512 MB) and the kernel's first buffer (128 MB), not its second
+resource.setrlimit(resource.RLIMIT_AS, (mapped + (512 + 128 + 64) * 2**20, resource.RLIM_INFINITY))
+try:
+    fused.extremes(a, False, low=True, total=True)
+except MemoryError as exc:
+    print("MemoryError:", exc)
+"""
+
+
+@needs_kernels
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="caps the address space through /proc and RLIMIT_AS")
+def test_a_kernel_out_of_memory_raises_memory_error_instead_of_aborting() -> None:
+    """The kernels' own buffers (per thread or per image) that cannot be allocated make the call
+    raise MemoryError; they used to abort() the process, training run and all."""
+    out = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY_IN_A_KERNEL], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert "MemoryError: the CPU kernels could not allocate their working buffers" in out.stdout
 
 
 @needs_kernels
