@@ -70,7 +70,9 @@ def gate(x: Tensor, pools: Sequence[str], attention: Callable[..., Scale], param
     params = _trained(attention, params)  # on every path, so that a bad call fails alike everywhere
     folded = _fold(before, x, attention, pools) if over == "pixels" and _fusable(x, residual) else None
     if folded is not None:
-        attention, pools, params = folded, folded.x_pools, (*params, *folded.norm_params)
+        # the norm's parameters once, also where the attention trains them itself
+        attention, pools = folded, folded.x_pools
+        params = tuple({id(p): p for p in (*params, *folded.norm_params)}.values())
     elif before is not None:
         x = before(x)
     _check_residual(x, residual)
@@ -117,12 +119,13 @@ def channel_spatial_gate(x: Tensor, channel_pools: Sequence[str], channel_attent
 
 
 class _AfterNorm:
-    """A gate's attention on the output of a batch norm y = x * a + b (per channel), as an
-    attention on x's pools: the batch's statistics come from each image's mean and variance,
-    y's pools from x's (a mean or a variance through the affine map, a max from x's max or min
-    by the sign of a), and y * scale = x * (a * scale) + b * scale. So x is read for its pools
-    and written once as the gate's output, and the norm's output is never written. The norm's
-    part of that math runs in C (_FoldedGraph), the attention as the module wrote it."""
+    """A batch norm y = x * a + b (per channel) folded into the gate after it, which gate() hands
+    on in place of the attention: the batch's statistics come from each image's mean and
+    variance, y's pools from x's (a mean or a variance through the affine map, a max from x's max
+    or min by the sign of a), and y * scale = x * (a * scale) + b * scale. So x is read for its
+    pools (x_pools) and written once as the gate's output, and the norm's output is never
+    written. _FoldedGraph runs the norm's part of that math in C, the attention as the module
+    wrote it."""
 
     def __init__(self, norm: BatchNorm2d, attention: Callable[..., Scale], pools: Sequence[str], pixels: int):
         self.norm, self.attention, self.pools, self.pixels = norm, attention, tuple(pools), pixels
@@ -167,11 +170,12 @@ class _FoldedGraph:
     bit. `outputs` is (a * scale, b * scale (+ the attention's shift))."""
 
     def __init__(self, fold: _AfterNorm, found: dict[str, Tensor], shape: tuple[int, ...], params: tuple[Tensor, ...]):
-        norm, self.norm, self.shape = fold.norm, fold.norm, shape
+        norm, self.shape = fold.norm, shape
+        self.norm_params = fold.norm_params
+        self.weight = norm.weight.detach().clone()  # as the forward used it, whatever a step does to it after
         self.x_pools = {p: found[p] for p in fold.x_pools}
         self.a, self.b, batch_mean, invstd, of_y = fused.fold_forward(
-            self.x_pools, fold.pixels, norm.weight.detach(), norm.bias.detach(), norm.eps, *running_update(norm),
-            fold.pools)
+            self.x_pools, fold.pixels, self.weight, norm.bias.detach(), norm.eps, *running_update(norm), fold.pools)
         self.kept = self.a, batch_mean, invstd
         self.attention = _Graph(fold.attention, fold.pools, dict(zip(fold.pools, of_y)), shape, params)
         scale = self.attention.outputs[0].detach()
@@ -186,12 +190,12 @@ class _FoldedGraph:
         to_scale = d_scale * self.a.view(1, -1, 1, 1) + d_shift * self.b.view(1, -1, 1, 1)
         by_y, param_grads = self.attention.differentiate((to_scale, d_shift))
         d_a, d_b = (d_scale * scale).sum((0, 2, 3)), (d_shift * scale).sum((0, 2, 3))
-        norm = self.norm
-        by_x, d_weight, d_bias = fused.fold_backward(d_a, d_b, {p: g for p, g in by_y.items() if g is not None},
-                                                     self.x_pools, norm.weight.detach(), self.kept)
-        for at, p in enumerate(self.attention.params):
-            if p.requires_grad and (p is norm.weight or p is norm.bias):
-                param_grads[at] = d_weight if p is norm.weight else d_bias
+        by_x, *d_norm = fused.fold_backward(d_a, d_b, {p: g for p, g in by_y.items() if g is not None},
+                                            self.x_pools, self.weight, self.kept)
+        for at, p in enumerate(self.attention.params):  # plus what the attention's own use of them gave
+            for norm_param, grad in zip(self.norm_params, d_norm):
+                if p is norm_param and p.requires_grad:
+                    param_grads[at] = grad if param_grads[at] is None else param_grads[at] + grad
         return {p: g.view(self.shape) for p, g in by_x.items()}, param_grads
 
 

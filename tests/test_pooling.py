@@ -198,6 +198,34 @@ def test_a_batch_norm_before_a_gate_folds_into_it(pools, shift, case, momentum, 
     assert state["num_batches_tracked"] == 1
 
 
+@needs_kernels
+@pytest.mark.parametrize("listed", [False, True], ids=["norm-params-implied", "norm-weight-listed-too"])
+def test_a_folded_norm_whose_weight_the_attention_also_uses(listed: bool) -> None:
+    """An attention that weighs channels by the norm's own |weight| (as NAM does) trains that
+    weight twice, through the fold and through itself: the folded gate's gradients add both, once,
+    also where the caller lists the weight among the attention's params; a frozen bias gets none."""
+    x = _input("channels_last")
+    bn = _batch_norm(x.shape[1])
+    bn.bias.requires_grad_(False)
+
+    def run(fold: bool) -> tuple:
+        norm, inp = copy.deepcopy(bn), x.detach().requires_grad_()
+
+        def attention(mean: torch.Tensor) -> torch.Tensor:
+            w = norm.weight.abs().view(1, -1, 1, 1)
+            return (mean * w / w.sum()).sigmoid()
+
+        params = [norm.weight] if listed else []
+        y = gate(inp, ["mean"], attention, params, before=norm) if fold else gate(norm(inp), ["mean"], attention,
+                                                                                    [norm.weight])
+        y.backward(_distinct(tuple(y.shape), seed=2).contiguous(memory_format=torch.channels_last))
+        return y.detach(), inp.grad, norm.weight.grad, norm.bias.grad
+
+    (y, dx, d_weight, d_bias), (y_ref, dx_ref, d_weight_ref, _) = run(True), run(False)
+    assert torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(dx, dx_ref, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(d_weight, d_weight_ref, rtol=1e-4, atol=1e-5) and d_bias is None
+
+
 def _folded_norm_formula(x_pools: dict[str, torch.Tensor], weight: torch.Tensor, bias: torch.Tensor, eps: float,
                          wanted: list[str]) -> tuple[torch.Tensor, ...]:
     """The norm folded into a gate, as the torch ops it replaced: a, b and y's `wanted` pools from
