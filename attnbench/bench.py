@@ -61,9 +61,10 @@ def _params(module: str, options: tuple, depth: int, num_classes: int, arch: str
     return count_params(build_model(module, depth, num_classes, arch, block, dict(options)))
 
 
-def worker_name() -> str:
-    """host:pid, so a launcher on the same host can tell a dead worker from a slow one."""
-    return f"{platform.node()}:{os.getpid()}"
+def worker_name(pid: int | None = None) -> str:
+    """host:pid (this process's by default), so a launcher on the same host can tell a dead
+    worker from a slow one."""
+    return f"{platform.node()}:{os.getpid() if pid is None else pid}"
 
 
 def work(store: RunStore, splits: SplitCache, rt: Runtime, checkpoint_dir: Path) -> int:

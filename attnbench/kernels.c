@@ -109,7 +109,7 @@ static struct column_sums column_sums_start(const float *x, int64_t rows, int64_
     if (!c.x0 || !c.sum_a) {
         free(c.x0);
         free(c.sum_a);
-        c.x0 = NULL;
+        c.x0 = NULL, c.sum_a = NULL;
         return c;
     }
     c.lane_a = c.x0 + span;

@@ -180,10 +180,7 @@ class RunStore:
     def fail(self, trial_id: int, reason: str, retry: bool = False) -> None:
         """Close an attempt as FAIL; with `retry`, queue the run again unless someone else did."""
         trial = self.storage.get_trial(trial_id)
-        try:
-            self.storage.set_trial_user_attr(trial_id, "fail_reason", reason)
-            self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
-        except UpdateFinishedTrialError:
+        if not close_as_failed(self.storage, trial_id, reason):
             return  # another process closed it first and owns the retry
         key = trial.user_attrs["run_key"]
         attempts = sum(t.user_attrs["run_key"] == key for t in self._runs((TrialState.FAIL,)))
@@ -229,6 +226,17 @@ class RunStore:
                 "device": a.get("env", {}).get("device"), "git": a.get("env", {}).get("git"),
             })
         return pd.DataFrame(rows, columns=RUN_COLUMNS)
+
+
+def close_as_failed(storage: optuna.storages.BaseStorage, trial_id: int, reason: str) -> bool:
+    """Close a RUNNING trial as FAIL with the reason; False where it was closed already (by its
+    own worker, or another process) between the look and this write."""
+    try:
+        storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    except UpdateFinishedTrialError:
+        return False
+    return True
 
 
 def _gone_from_this_host(worker: str) -> bool:

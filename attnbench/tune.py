@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
-import platform
 import sys
 import warnings
 from dataclasses import replace
@@ -19,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.exceptions import UpdateFinishedTrialError
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
@@ -56,7 +54,9 @@ def open_study(storage: optuna.storages.BaseStorage, module: str, dataset: str) 
 def objective(trial: optuna.Trial, spec: registry.ModuleSpec, base: RunConfig, splits: Splits, rt: Runtime) -> float:
     from attnbench.bench import worker_name
 
-    trial.set_user_attr("worker", worker_name())  # so that optimise_in_workers can close it if this process dies
+    # so that optimise_in_workers can close the trial if this process dies; one killed before this
+    # line (a few ms after Optuna opened the trial) leaves it RUNNING, which no finished count includes
+    trial.set_user_attr("worker", worker_name())
     options = spec.suggest(trial)
     trial.set_user_attr("options", options)
     cfg = replace(base, module=spec.name, options=tuple(sorted(options.items())))
@@ -162,7 +162,8 @@ def optimise_in_workers(n: int, storage_url: str, results_dir: Path, module: str
     dies (killed, out of memory) would leave its trial RUNNING for good, since a journal file has
     no heartbeat: its trial is closed as FAIL, with the reason, and a new worker started while
     the study lacks finished trials, as workers.launch() does for runs."""
-    from attnbench.storage import open_storage
+    from attnbench.bench import worker_name
+    from attnbench.storage import close_as_failed, open_storage
     from attnbench.workers import supervise
 
     ctx = mp.get_context("spawn")
@@ -175,23 +176,14 @@ def optimise_in_workers(n: int, storage_url: str, results_dir: Path, module: str
 
     storage = open_storage(storage_url, results_dir)
     study = open_study(storage, module, base.dataset)
+    study_id = storage.get_study_id_from_name(study.study_name)
 
     def close_trial(proc: mp.Process) -> None:
-        worker, reason = f"{platform.node()}:{proc.pid}", f"tuning worker {proc.pid} died (exit code {proc.exitcode})"
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if trial.user_attrs.get("worker") == worker:
-                _close_as_failed(storage, study, trial, reason)
-        print(f"{reason}; its trial is closed as failed", file=sys.stderr)
+        worker, reason = worker_name(proc.pid), f"tuning worker {proc.pid} died (exit code {proc.exitcode})"
+        held = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if t.user_attrs.get("worker") == worker]
+        for trial in held:
+            close_as_failed(storage, storage.get_trial_id_from_study_id_trial_number(study_id, trial.number), reason)
+        print(f"{reason}; closed {len(held)} trial(s) as failed", file=sys.stderr)
 
     supervise([start] * n, close_trial, lambda: len(study.get_trials(deepcopy=False, states=FINISHED)) < trials, poll)
-
-
-def _close_as_failed(storage: optuna.storages.BaseStorage, study: optuna.Study, trial: optuna.trial.FrozenTrial,
-                     reason: str) -> None:
-    study_id = storage.get_study_id_from_name(study.study_name)
-    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-    try:
-        storage.set_trial_user_attr(trial_id, "fail_reason", reason)
-        storage.set_trial_state_values(trial_id, TrialState.FAIL)
-    except UpdateFinishedTrialError:  # it finished after all, between the look and the write
-        pass

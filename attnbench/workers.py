@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import multiprocessing as mp
 import os
-import platform
 import shutil
 import sys
 import time
@@ -23,13 +22,13 @@ from typing import Callable
 import torch
 
 from attnbench import registry
-from attnbench.bench import SplitCache, work
+from attnbench.bench import SplitCache, work, worker_name
 from attnbench.errors import UserError
 from attnbench.storage import RunStore, open_storage
 from attnbench.train import Runtime
 
 
-MAX_CRASHES = 3  # restarts per slot, pooled: any slot may use the budget of MAX_CRASHES * slots; never forever
+MAX_RESTARTS = 3  # per slot, pooled: any slot may use the budget of MAX_RESTARTS * slots; never forever
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,7 @@ def launch(settings: WorkerSettings, store: RunStore, slots: list[str | None], p
         return proc
 
     def release(proc: mp.Process) -> None:
-        worker = f"{platform.node()}:{proc.pid}"
+        worker = worker_name(proc.pid)
         held = store.release_worker(worker, f"worker {worker} died (exit code {proc.exitcode})")
         print(f"worker {proc.pid} died (exit code {proc.exitcode}); requeued {held} run(s)", file=sys.stderr)
 
@@ -94,11 +93,14 @@ def launch(settings: WorkerSettings, store: RunStore, slots: list[str | None], p
 
 def supervise(starts: list[Callable[[], mp.Process]], on_death: Callable[[mp.Process], None],
               work_left: Callable[[], bool], poll: float = 1.0) -> None:
-    """Keep one process per entry of `starts` running while work_left(): one that exits with an
-    error goes to on_death (which gives back what it held) and is started again, at most
-    MAX_CRASHES times per entry, pooled. Whatever still runs on the way out is stopped."""
+    """Keep one process per entry of `starts` running while work_left(): one that ends is
+    started again, after on_death (which gives back what it held) where it exited with an error;
+    MAX_RESTARTS restarts per entry at most, pooled, since a worker that keeps ending while work
+    is left (crashing, or finding nothing it can do) would otherwise be restarted forever.
+    Whatever still runs on the way out (Ctrl-C) is stopped; what it held, a later command
+    reclaims (runs) or leaves RUNNING (tuning trials, which no finished count includes)."""
     procs = {i: start() for i, start in enumerate(starts)}
-    crashes = 0
+    restarts = 0
     try:
         while procs:
             time.sleep(poll)
@@ -107,9 +109,9 @@ def supervise(starts: list[Callable[[], mp.Process]], on_death: Callable[[mp.Pro
                     continue
                 del procs[i]
                 if proc.exitcode != 0:
-                    crashes += 1
                     on_death(proc)
-                if work_left() and crashes <= MAX_CRASHES * len(starts):
+                if work_left() and restarts < MAX_RESTARTS * len(starts):
+                    restarts += 1
                     procs[i] = starts[i]()
     finally:
         for proc in procs.values():

@@ -86,7 +86,7 @@ def test_a_killed_tuning_worker_trial_is_closed_and_the_study_still_finishes(tmp
     victim, pid = kill_a_worker_mid_trial(trials)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert f"tuning worker {pid} died (exit code -9); its trial is closed as failed" in err
+    assert f"tuning worker {pid} died (exit code -9); closed 1 trial(s) as failed" in err
     study = optuna.load_study(study_name=study_name("spe", "synthetic"), storage=open_storage(None, tmp_path))
     killed = next(t for t in study.trials if t.number == victim.number)
     assert killed.state.name == "FAIL" and f"worker {pid} died" in killed.user_attrs["fail_reason"]
