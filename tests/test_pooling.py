@@ -408,30 +408,40 @@ def test_a_tie_sends_the_whole_gradient_to_its_first_element(layout: str) -> Non
 
 
 _OUT_OF_MEMORY_IN_A_KERNEL = """
-import resource, torch
+import resource, sys, torch
 from attnbench import fused
 torch.set_num_threads(1)
 fused.extremes(torch.rand(1, 2, 64), False, low=True, total=True)  # the library and its thread are up
-a = torch.rand(1, 2, 2**24)
+a, ones, zeros = torch.rand(1, 2, 2**24), torch.ones(1, 2**24), torch.zeros(1, 2**24)
+out = torch.empty_like(a)
 mapped = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
-# room for the wrapper's five outputs (512 MB) and the kernel's first buffer (128 MB), not its second
-resource.setrlimit(resource.RLIMIT_AS, (mapped + (512 + 128 + 64) * 2**20, resource.RLIM_INFINITY))
+resource.setrlimit(resource.RLIMIT_AS, (mapped + int(sys.argv[1]) * 2**20, resource.RLIM_INFINITY))
 try:
-    fused.extremes(a, False, low=True, total=True)
+    {call}
 except MemoryError as exc:
     print("MemoryError:", exc)
 """
+# per kernel: the call, and the address space it gets on top of what is mapped (MB): room for what
+# the wrapper allocates, not for the kernel's buffers (k = 2**24 floats or doubles each)
+_OUT_OF_MEMORY_CASES = {
+    "extremes": ("fused.extremes(a, False, low=True, total=True)", 512 + 128 + 64),  # 5 outputs, `best`
+    "sums": ("fused.sums(a, a, False, relu_of_b=(ones, zeros))", 256 + 64),  # 2 float64 outputs
+    "scale_rows": ("fused.scale_rows(a, False, ones, zeros, out, b=a, b_scale=ones, relu_of_b=(ones, zeros))", 64),
+    "outer_pools": ("fused.outer_pools(a, ones)", 32),  # a as 2 pixels of 2**24 channels
+}
 
 
 @needs_kernels
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="caps the address space through /proc and RLIMIT_AS")
-def test_a_kernel_out_of_memory_raises_memory_error_instead_of_aborting() -> None:
+@pytest.mark.parametrize("kernel", list(_OUT_OF_MEMORY_CASES))
+def test_a_kernel_out_of_memory_raises_memory_error_instead_of_aborting(kernel: str) -> None:
     """The kernels' own buffers (per thread or per image) that cannot be allocated make the call
     raise MemoryError; they used to abort() the process, training run and all."""
-    out = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY_IN_A_KERNEL], capture_output=True, text=True,
-                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    call, headroom_mb = _OUT_OF_MEMORY_CASES[kernel]
+    out = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY_IN_A_KERNEL.replace("{call}", call), str(headroom_mb)],
+                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr
-    assert "MemoryError: the CPU kernels could not allocate their working buffers" in out.stdout
+    assert "MemoryError: the CPU kernels could not allocate their working buffers" in out.stdout, out.stdout
 
 
 @needs_kernels
