@@ -1,4 +1,4 @@
-"""Timing of the hot pieces: each module's own work on a stage-3-sized input.
+"""Timing of the hot pieces: each module's own work, on a stage-3-sized input unless a test says otherwise.
 
 Under the default --benchmark-disable each runs once as an ordinary test; with
 --benchmark-enable they give timings to compare against the plain BN/identity cost.
@@ -84,6 +84,34 @@ def test_block_tail_train_step(benchmark: BenchmarkFixture, name: str, path: str
     assert grads[0].shape == x.shape and all(g is not None for g in grads)
     ends_in = type(tail().grad_fn).__name__  # the fused tail is one Function; torch's ends in its ReLU
     assert (ends_in == "ReluBackward0") == (path == "torch-tail"), ends_in
+
+
+STAGES = {"stage1": (128, 64, 32, 32), "stage2": (128, 128, 16, 16), "stage3": (128, 256, 8, 8)}
+
+
+@pytest.mark.benchmark(group="norm-and-tail", warmup=True, warmup_iterations=3)
+@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("name", ["none", "se", "spe", "cbam"])
+def test_norm_and_tail_train_step(benchmark: BenchmarkFixture, name: str, stage: str) -> None:
+    """Forward and backward of a ResNet-164 block's end as the trainer runs it on the CPU: the
+    last batch norm, the module's gate (its norm folded in) and relu(+ shortcut); for `none`
+    the C batch norm writing the add and the ReLU. What a gate module costs per block over
+    `none`, at each stage's activation (33.5 MB each)."""
+    shape = STAGES[stage]
+    bn = norm.BatchNorm2d(shape[1])
+    gate = None if name == "none" else module_work(name, shape[1]).train()
+    params = [*bn.parameters(), *([] if gate is None else gate.parameters())]
+    x, shortcut, dy = (torch.randn(shape).to(memory_format=torch.channels_last) for _ in range(3))
+    x.requires_grad_()
+
+    def tail() -> torch.Tensor:
+        return bn(x, residual=shortcut, relu=True) if gate is None else gate(x, residual=shortcut, relu=True,
+                                                                               before=bn)
+
+    grads = benchmark(lambda: torch.autograd.grad(tail(), [x, *params], dy))
+    assert grads[0].shape == x.shape and all(g is not None for g in grads)
+    if fused.library() is not None:  # the C path
+        assert ("Fused" in type(tail().grad_fn).__name__) and bn.num_batches_tracked > 0
 
 
 @pytest.mark.benchmark(group="batch-norm", warmup=True, warmup_iterations=3)
