@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--workers", type=int, default=1,
                      help="worker processes on this machine, each taking runs from the queue")
     par.add_argument("--gpus", type=_int_list, default=(),
-                     help="a worker per listed GPU, e.g. 0,1,2,3; with --workers N, N workers spread over them in turn")
+                     help="a worker (training or --tune) per listed GPU, e.g. 0,1,2,3; with --workers N, N workers "
+                          "spread over them in turn")
     par.add_argument("--slurm", action="store_true", help="submit --workers workers as a Slurm job array (submitit)")
     par.add_argument("--slurm-partition", default=None, help="Slurm partition")
     par.add_argument("--slurm-time", type=int, default=24 * 60, help="time limit per worker job, minutes")
@@ -350,21 +351,23 @@ def run_tuning(args: argparse.Namespace) -> int:
     args.modules, args.no_baseline, args.opt = [spec.name], True, []
     configs, _ = plan(args, lambda m, d: {})
     base = configs[0]
-    device = resolve_device(args.device)
+    slots = gpu_slots(args.gpus, args.workers) if args.gpus else [None] * args.workers
+    device = resolve_device("cuda" if args.gpus else args.device)
     check_amp(base.amp, device)
     rt = Runtime(device=device, compile=args.compile, channels_last=not args.no_channels_last, progress=args.progress)
-    splits = SplitCache(args.data_dir, args.download, rt)
+    in_process = slots == [None]
+    # Workers in other processes load their own copy; here the data is only checked, on the CPU.
+    splits = SplitCache(args.data_dir, args.download, rt if in_process else Runtime(device=torch.device("cpu")))
     if not base.val_split:  # tuning never looks at the test set: hold out a tenth by default
         base = replace(base, val_split=max(1, len(splits[base].train_labels) // 10))
     storage = open_storage(args.storage, args.results_dir)
     print(f"tuning {spec.name} on {base.dataset} ({base.recipe_text}) for {args.trials} trials", file=sys.stderr)
-    if args.workers == 1:
+    if in_process:
         tune.optimise(storage, spec, base, splits[base], rt, args.trials)
     else:
-        tune.optimise_in_workers(args.workers, storage_url(args.storage, args.results_dir), args.results_dir,
+        tune.optimise_in_workers(slots, storage_url(args.storage, args.results_dir), args.results_dir,
                                  spec.name, base, args.data_dir, args.download, args.trials,
-                                 cpu_threads(args.threads, args.workers),
-                                 tuple(args.plugin))
+                                 cpu_threads(args.threads, len(slots)), tuple(args.plugin), device.type)
     print(tune.report(storage, spec.name, base.dataset, args.results_dir))
     print(f"wrote {args.results_dir / 'tuning.md'} and {args.results_dir / 'tuning.png'}", file=sys.stderr)
     return 0

@@ -9,6 +9,7 @@ once; `--opt MODULE=tuned` then trains the best options on the test protocol.
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing as mp
 import sys
@@ -142,7 +143,7 @@ def report(storage: optuna.storages.BaseStorage, module: str, dataset: str, resu
 
 
 def _tune_worker(storage_url: str, results_dir: Path, module: str, base: RunConfig, data_dir: Path,
-                 download: bool, trials: int, threads: int, plugins: tuple[str, ...]) -> None:
+                 download: bool, trials: int, threads: int, plugins: tuple[str, ...], device: str) -> None:
     import torch
 
     from attnbench.bench import SplitCache
@@ -151,29 +152,24 @@ def _tune_worker(storage_url: str, results_dir: Path, module: str, base: RunConf
     torch.set_num_threads(threads)
     for path in plugins:
         registry.load_plugin(path)
-    rt = Runtime(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"), progress=False)
+    rt = Runtime(device=torch.device(device), progress=False)  # cuda: the GPU its slot pinned it to
     optimise(open_storage(storage_url, results_dir), registry.get(module), base,
              SplitCache(data_dir, download, rt)[base], rt, trials)
 
 
-def optimise_in_workers(n: int, storage_url: str, results_dir: Path, module: str, base: RunConfig, data_dir: Path,
-                        download: bool, trials: int, threads: int, plugins: tuple[str, ...], poll: float = 1.0) -> None:
-    """n processes tuning one study; Optuna's storage hands each its own trials. A worker that
-    dies (killed, out of memory) would leave its trial RUNNING for good, since a journal file has
-    no heartbeat: its trial is closed as FAIL, with the reason, and a new worker started while
-    the study lacks finished trials, as workers.launch() does for runs."""
+def optimise_in_workers(slots: list[str | None], storage_url: str, results_dir: Path, module: str, base: RunConfig,
+                        data_dir: Path, download: bool, trials: int, threads: int, plugins: tuple[str, ...],
+                        device: str = "cpu", poll: float = 1.0) -> None:
+    """A process per slot (a GPU to pin it to, or None) tuning one study; Optuna's storage hands
+    each its own trials. A worker that dies (killed, out of memory) would leave its trial
+    RUNNING for good, since a journal file has no heartbeat: its trial is closed as FAIL, with
+    the reason, and a new worker started while the study lacks finished trials, as
+    workers.launch() does for runs."""
     from attnbench.bench import worker_name
     from attnbench.storage import close_as_failed, open_storage
-    from attnbench.workers import supervise
+    from attnbench.workers import spawn, supervise
 
-    ctx = mp.get_context("spawn")
-    args = (storage_url, results_dir, module, base, data_dir, download, trials, threads, plugins)
-
-    def start() -> mp.Process:
-        proc = ctx.Process(target=_tune_worker, args=args)
-        proc.start()
-        return proc
-
+    args = (storage_url, results_dir, module, base, data_dir, download, trials, threads, plugins, device)
     storage = open_storage(storage_url, results_dir)
     study = open_study(storage, module, base.dataset)
     study_id = storage.get_study_id_from_name(study.study_name)
@@ -186,4 +182,5 @@ def optimise_in_workers(n: int, storage_url: str, results_dir: Path, module: str
             close_as_failed(storage, storage.get_trial_id_from_study_id_trial_number(study_id, trial.number), reason)
         print(f"{reason}; closed {len(held)} trial(s) as failed", file=sys.stderr)
 
-    supervise([start] * n, close_trial, lambda: len(study.get_trials(deepcopy=False, states=FINISHED)) < trials, poll)
+    supervise([functools.partial(spawn, _tune_worker, args, slot) for slot in slots], close_trial,
+              lambda: len(study.get_trials(deepcopy=False, states=FINISHED)) < trials, poll)

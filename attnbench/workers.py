@@ -66,29 +66,31 @@ def _process_main(settings: WorkerSettings) -> None:
 def launch(settings: WorkerSettings, store: RunStore, slots: list[str | None], poll: float = 1.0) -> None:
     """Keep one worker per slot running while runs are queued. A slot is a GPU index to pin the
     worker to through CUDA_VISIBLE_DEVICES, or None for a CPU worker."""
-    ctx = mp.get_context("spawn")  # fork would copy the parent's torch threads and CUDA state
-
-    def start(slot: str | None) -> mp.Process:
-        env_before = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if slot is not None:
-            os.environ["CUDA_VISIBLE_DEVICES"] = slot  # a spawned child takes the environment at start
-        try:
-            proc = ctx.Process(target=_process_main, args=(settings,), daemon=False)
-            proc.start()
-        finally:
-            if slot is not None:
-                if env_before is None:
-                    os.environ.pop("CUDA_VISIBLE_DEVICES")
-                else:
-                    os.environ["CUDA_VISIBLE_DEVICES"] = env_before
-        return proc
-
     def release(proc: mp.Process) -> None:
         worker = worker_name(proc.pid)
         held = store.release_worker(worker, f"worker {worker} died (exit code {proc.exitcode})")
         print(f"worker {proc.pid} died (exit code {proc.exitcode}); requeued {held} run(s)", file=sys.stderr)
 
-    supervise([functools.partial(start, slot) for slot in slots], release, lambda: store.pending() > 0, poll)
+    supervise([functools.partial(spawn, _process_main, (settings,), slot) for slot in slots], release,
+              lambda: store.pending() > 0, poll)
+
+
+def spawn(target: Callable, args: tuple, slot: str | None = None) -> mp.Process:
+    """Start target(*args) in a fresh process (spawned: a fork would copy this process's torch
+    threads and CUDA state), pinned to GPU `slot` through CUDA_VISIBLE_DEVICES if one is given."""
+    env_before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if slot is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = slot  # a spawned child takes the environment at start
+    try:
+        proc = mp.get_context("spawn").Process(target=target, args=args, daemon=False)
+        proc.start()
+    finally:
+        if slot is not None:
+            if env_before is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES")
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = env_before
+    return proc
 
 
 def supervise(starts: list[Callable[[], mp.Process]], on_death: Callable[[mp.Process], None],

@@ -92,3 +92,21 @@ def test_a_killed_tuning_worker_trial_is_closed_and_the_study_still_finishes(tmp
     assert killed.state.name == "FAIL" and f"worker {pid} died" in killed.user_attrs["fail_reason"]
     assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) >= 3
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
+
+
+def test_tuning_workers_take_the_listed_gpus(tmp_path, monkeypatch):
+    """--tune with --gpus 0,1 --workers 4: four tuning workers, two pinned to each GPU, on CUDA
+    (the GPUs are faked here; the launcher is stopped before it starts anything)."""
+    from attnbench import tune
+
+    class Launched(Exception):
+        pass
+
+    def launch(slots, *args):
+        raise Launched(slots, args[-1])
+
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    monkeypatch.setattr(tune, "optimise_in_workers", launch)
+    with pytest.raises(Launched) as launched:
+        main([*TINY, "--tune", "spe", "--gpus", "0,1", "--workers", "4", "--results-dir", str(tmp_path)])
+    assert launched.value.args == (["0", "1", "0", "1"], "cuda")
