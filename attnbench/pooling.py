@@ -70,9 +70,7 @@ def gate(x: Tensor, pools: Sequence[str], attention: Callable[..., Scale], param
     params = _trained(attention, params)  # on every path, so that a bad call fails alike everywhere
     folded = _fold(before, x, attention, pools) if over == "pixels" and _fusable(x, residual) else None
     if folded is not None:
-        # the norm's parameters once, also where the attention trains them itself
-        attention, pools = folded, folded.x_pools
-        params = tuple({id(p): p for p in (*params, *folded.norm_params)}.values())
+        attention, pools, params = folded, folded.x_pools, _once(*params, *folded.norm_params)
     elif before is not None:
         x = before(x)
     _check_residual(x, residual)
@@ -103,17 +101,17 @@ def channel_spatial_gate(x: Tensor, channel_pools: Sequence[str], channel_attent
     def fuses(x: Tensor) -> bool:
         return pairs_fuse and _fusable(x, residual) and x.is_contiguous(memory_format=torch.channels_last)
 
-    params = {id(p): p for a in (channel_attention, spatial_attention) for p in _trained(a, None)}
+    params = _once(*_trained(channel_attention, None), *_trained(spatial_attention, None))
     folded = _fold(before, x, channel_attention, channel_pools) if fuses(x) else None
     if folded is not None:
         channel_attention, channel_pools = folded, folded.x_pools
-        params.update({id(p): p for p in folded.norm_params})
+        params = _once(*params, *folded.norm_params)
     elif before is not None:
         x = before(x)
     _check_residual(x, residual)
     if folded is not None or fuses(x):
         return _FusedChannelSpatialGate.apply(x, tuple(channel_pools), channel_attention, tuple(spatial_pools),
-                                              spatial_attention, residual, relu, *params.values())
+                                              spatial_attention, residual, relu, *params)
     return gate(gate(x, channel_pools, channel_attention), spatial_pools, spatial_attention, over="channels",
                 residual=residual, relu=relu)
 
@@ -215,6 +213,12 @@ def _method_of(attention: Callable) -> tuple[nn.Module, Callable] | None:
     bound = attention.func if isinstance(attention, functools.partial) else attention
     owner = getattr(bound, "__self__", None)
     return (owner, bound.__func__) if isinstance(owner, nn.Module) else None
+
+
+def _once(*params: Tensor) -> tuple[Tensor, ...]:
+    """Each parameter once, in first-seen order: one two attentions share, or that an attention
+    trains itself and a folded norm brings too, must get its gradient summed once, not twice."""
+    return tuple({id(p): p for p in params}.values())
 
 
 def _trained(attention: Callable, params: Iterable[Tensor] | None) -> tuple[Tensor, ...]:

@@ -22,12 +22,17 @@ import optuna
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
+import torch
+
 from attnbench import registry
+from attnbench.bench import SplitCache, worker_name
 from attnbench.config import RunConfig
 from attnbench.data import Splits
 from attnbench.errors import UserError
 from attnbench.files import write_atomic, write_text
+from attnbench.storage import close_as_failed, open_storage
 from attnbench.train import Diverged, Runtime, train
+from attnbench.workers import spawn, supervise
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -53,8 +58,6 @@ def open_study(storage: optuna.storages.BaseStorage, module: str, dataset: str) 
 
 
 def objective(trial: optuna.Trial, spec: registry.ModuleSpec, base: RunConfig, splits: Splits, rt: Runtime) -> float:
-    from attnbench.bench import worker_name
-
     # so that optimise_in_workers can close the trial if this process dies; one killed before this
     # line (a few ms after Optuna opened the trial) leaves it RUNNING, which no finished count includes
     trial.set_user_attr("worker", worker_name())
@@ -144,11 +147,6 @@ def report(storage: optuna.storages.BaseStorage, module: str, dataset: str, resu
 
 def _tune_worker(storage_url: str, results_dir: Path, module: str, base: RunConfig, data_dir: Path,
                  download: bool, trials: int, threads: int, plugins: tuple[str, ...], device: str) -> None:
-    import torch
-
-    from attnbench.bench import SplitCache
-    from attnbench.storage import open_storage
-
     torch.set_num_threads(threads)
     for path in plugins:
         registry.load_plugin(path)
@@ -165,10 +163,6 @@ def optimise_in_workers(slots: list[str | None], storage_url: str, results_dir: 
     RUNNING for good, since a journal file has no heartbeat: its trial is closed as FAIL, with
     the reason, and a new worker started while the study lacks finished trials, as
     workers.launch() does for runs."""
-    from attnbench.bench import worker_name
-    from attnbench.storage import close_as_failed, open_storage
-    from attnbench.workers import spawn, supervise
-
     args = (storage_url, results_dir, module, base, data_dir, download, trials, threads, plugins, device)
     storage = open_storage(storage_url, results_dir)
     study = open_study(storage, module, base.dataset)
