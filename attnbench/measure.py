@@ -365,9 +365,11 @@ def cost_table(
 
     Columns: params, MACs per image in both conventions (macs_paper, macs_full) and the extra
     over `none` of each; with `throughput`, train and inference images/s (median, q1, q3), the
-    train-step time relative to `none` and the train peak memory. The relative time is the
-    median over rounds of the ratio within a round: all modules are timed in turns in the same
-    call, so drift during the measurement cancels out of the ratio. `options` maps a module
+    train-step time relative to `none` with its quartiles, and the train peak memory. The relative
+    time is the median over rounds of the ratio within a round: all modules are timed in turns in
+    the same call, so drift during the measurement cancels out of the ratio; what is left (a
+    round's ratio varied by about +-10% on a shared 2-core CPU) shows in the quartiles, which say
+    how close to a target one run can tell a module to be. `options` maps a module
     name to its constructor options; `progress` shows a bar while timing (None: only on an
     interactive terminal). Environment (threads, device, memory meaning) is in ``df.attrs``.
     """
@@ -395,7 +397,9 @@ def cost_table(
             table[f"{prefix}_{stat}"] = [summaries[n][stat] for n in names]
         if mode == "train":
             baseline = np.asarray(seconds["none"])
-            table["train_step_rel_none"] = [float(np.median(np.asarray(seconds[n]) / baseline)) for n in names]
+            ratios = {n: np.asarray(seconds[n]) / baseline for n in names}  # one per round
+            for suffix, q in (("", 50), ("_q1", 25), ("_q3", 75)):
+                table["train_step_rel_none" + suffix] = [float(np.percentile(ratios[n], q)) for n in names]
             table["train_peak_memory_bytes"] = [summaries[n]["peak_memory_bytes"] for n in names]
             table.attrs["peak_memory_kind"] = summaries["none"]["peak_memory_kind"]
         del timers  # free one mode's model copies before building the next
@@ -418,11 +422,11 @@ def cost_markdown(table: pd.DataFrame, title: str) -> str:
     notes = ["MACs per 32x32 image (fvcore, eval mode, batch 1); 'full' adds elementwise ops, activations, "
              "reductions and batch norm, one MAC per element (see attnbench/measure.py)."]
     if "train_images_per_s" in table:
-        iqr = lambda col: [f"{m:.0f} [{a:.0f}, {b:.0f}]" for m, a, b in
-                           zip(table[col], table[col + "_q1"], table[col + "_q3"])]
-        out["train img/s [IQR]"] = iqr("train_images_per_s")
-        out["inference img/s [IQR]"] = iqr("infer_images_per_s")
-        out["train step vs none"] = table["train_step_rel_none"].map("{:.2f}x".format)
+        iqr = lambda col, fmt: [f"{fmt(m)} [{fmt(a)}, {fmt(b)}]" for m, a, b in
+                                zip(table[col], table[col + "_q1"], table[col + "_q3"])]
+        out["train img/s [IQR]"] = iqr("train_images_per_s", "{:.0f}".format)
+        out["inference img/s [IQR]"] = iqr("infer_images_per_s", "{:.0f}".format)
+        out["train step vs none [IQR]"] = iqr("train_step_rel_none", "{:.2f}x".format)
         out["train peak memory (MB)"] = (table["train_peak_memory_bytes"] / 2**20).map("{:.0f}".format)
         a = table.attrs
         notes.append(f"Throughput: {a.get('device')} ({a.get('device_name', '')}), {a.get('threads')} threads, "

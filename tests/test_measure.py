@@ -16,9 +16,9 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
-from attnbench import registry
+from attnbench import measure, registry
 from attnbench.errors import UserError
-from attnbench.measure import cost_table, count_macs, mac_analysis, measure_throughput
+from attnbench.measure import cost_markdown, cost_table, count_macs, mac_analysis, measure_throughput
 from attnbench.models import build_model
 
 SEED_MODULES = ("none", "se", "cbam", "iebn", "spe")
@@ -260,6 +260,21 @@ def test_cost_table_rows_and_baseline() -> None:
     assert row.loc["se", "extra_macs_paper"] > 0 and row.loc["spe", "extra_macs_paper"] == 0
     assert (row["train_images_per_s"] > 0).all() and (row["infer_images_per_s"] > 0).all()
     assert table.attrs["threads"] == torch.get_num_threads()
+
+
+def test_cost_table_reports_the_spread_of_the_per_round_ratio(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relative step time is the median of the rounds' ratios, with their quartiles (not a
+    ratio of medians): here `none` varies from round to round and SE's ratio to it is, by round,
+    1.12, 1.00, 1.30, 1.04, 1.08, so median 1.08, quartiles 1.04 and 1.12."""
+    none = [1.0, 2.0, 1.0, 3.0, 2.0]
+    se = [t * r for t, r in zip(none, [1.12, 1.0, 1.3, 1.04, 1.08])]
+    monkeypatch.setattr(measure, "_time_interleaved", lambda timers, **_: {"none": none, "se": se})
+    table = cost_table(["se"], depth=11, batch_size=2, warmup=0, repeats=5).set_index("module")
+    assert table.loc["se", ["train_step_rel_none_q1", "train_step_rel_none", "train_step_rel_none_q3"]].tolist() \
+        == pytest.approx([1.04, 1.08, 1.12])
+    assert table.loc["none", ["train_step_rel_none_q1", "train_step_rel_none_q3"]].tolist() == [1.0, 1.0]
+    markdown = cost_markdown(table.reset_index(), "test")
+    assert "train step vs none [IQR]" in markdown and " 1.08x [1.04x, 1.12x] " in markdown
 
 
 def test_cost_table_without_throughput_has_counts_only() -> None:
