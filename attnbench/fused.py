@@ -91,6 +91,7 @@ def library() -> ctypes.CDLL | None:
         lib.sums.argtypes = [p, p, i64, i64, i64, i32, p, p, p, p, p, p, i32]
         lib.extremes.argtypes = [p, i64, i64, i64, i32, p, p, p, p, p, p, i32]
         lib.scale_rows.argtypes = [p, i64, i64, i64, i32, p, p, p, p, p, p, p, i32, i32, p, p, p, i32]
+        lib.moments.argtypes, lib.moments.restype = [p, p, i64, i64, p, p], None
         lib.conv_weight_grad.argtypes = [p, p, p, *[i64] * 10, i32]
         lib.conv_same.argtypes = lib.conv_same_weight_grad.argtypes = [p, p, p, *[i64] * 6, i32]
         lib.winograd_weights.argtypes = [p, i64, i64, i32, p]
@@ -213,6 +214,21 @@ def extremes(a: Tensor, over_last: bool, *, low: bool, total: bool = False,
     _checked(_library().extremes(a.data_ptr(), n, m, k, over_last, high.data_ptr(), at_high.data_ptr(), _ptr(lo),
                                  _ptr(at_low), _ptr(sum_a), _ptr(sum_aa), torch.get_num_threads()))
     return high, at_high, lo, at_low, sum_a, sum_aa
+
+
+def moments(total: Tensor, squares: Tensor | None, count: int) -> tuple[Tensor, Tensor | None]:
+    """The mean and population variance, float32 and shaped like `total`, of `count` values per
+    element from the float64 sums of them and of their squares, as sums() and extremes() give
+    them (the variance only where `squares` is given)."""
+    for t in (total, squares):
+        if t is not None and (t.dtype != torch.float64 or not t.is_contiguous() or t.shape != total.shape
+                              or t.device.type != "cpu"):
+            raise ValueError(f"moments takes contiguous float64 CPU sums of one shape, got {t.dtype} {tuple(t.shape)}")
+    if count < 1:
+        raise ValueError(f"moments takes a count of at least 1, got {count}")
+    mean, var = torch.empty(total.shape), None if squares is None else torch.empty(total.shape)
+    _library().moments(total.data_ptr(), _ptr(squares), total.numel(), count, mean.data_ptr(), _ptr(var))
+    return mean, var
 
 
 def scale_rows(a: Tensor, over_last: bool, scale: Tensor, shift: Tensor | None, out: Tensor,

@@ -329,10 +329,9 @@ def _read_pools(rows: Tensor, over_last: bool, pools: Sequence[str]) -> tuple[di
     elif "mean" in pools or "var" in pools:
         total, squares = fused.sums(rows, rows if "var" in pools else None, over_last)
     if total is not None:
-        mean = total / count
-        found["mean"] = mean.float()
-    if squares is not None:  # in float64, so E[x^2] - E[x]^2 keeps its digits
-        found["var"] = (squares / count - mean.square()).clamp_min_(0).float()
+        found["mean"], var = fused.moments(total, squares, count)
+        if var is not None:
+            found["var"] = var
     return found, positions
 
 

@@ -625,6 +625,31 @@ def test_a_sum_of_squares_keeps_the_variance_of_values_with_a_large_mean(over_la
         assert torch.allclose(total, a.double().sum(dim), rtol=1e-9)
 
 
+@needs_kernels
+def test_moments_are_the_float64_formula_rounded_to_float32() -> None:
+    """moments() turns the sums into E[x] and E[x^2] - E[x]^2 as float64 arithmetic does, then
+    rounds to float32: a variance that rounding takes below 0 is 0, a NaN stays a NaN, and the
+    mean alone comes without squares."""
+    g = torch.Generator().manual_seed(0)
+    total = torch.randn(4, 9, dtype=torch.float64, generator=g) * 50
+    squares = torch.rand(4, 9, dtype=torch.float64, generator=g) * 900
+    total[0, 0], squares[0, 0] = 3 * 0.1, 3 * 0.1 ** 2 * (1 - 1e-15)  # three values of 0.1: E[x^2] - E[x]^2 < 0
+    total[1, 1] = float("nan")
+    mean, var = fused.moments(total, squares, 3)
+    assert mean.dtype == var.dtype == torch.float32 and mean.shape == (4, 9)
+    expected = squares / 3 - (total / 3) ** 2
+    assert float(expected[0, 0]) < 0 and var[0, 0] == 0
+    torch.testing.assert_close(mean, (total / 3).float(), rtol=0, atol=0, equal_nan=True)
+    keep = ~torch.isnan(expected) & (expected >= 0)
+    assert torch.allclose(var[keep].double(), expected[keep], rtol=1e-6)
+    assert torch.isnan(mean[1, 1]) and torch.isnan(var[1, 1])
+    assert fused.moments(total, None, 3)[1] is None
+    with pytest.raises(ValueError, match="float64"):
+        fused.moments(total.float(), None, 3)
+    with pytest.raises(ValueError, match="count of at least 1"):
+        fused.moments(total, squares, 0)
+
+
 @pytest.fixture
 def fresh_cache(monkeypatch, tmp_path):
     """An empty library cache, and library() asked anew (before and after the test)."""
