@@ -414,9 +414,9 @@ int extremes(const float *a, int64_t n, int64_t m, int64_t k, int over_last, flo
 
 /* A pooling's mean and population variance per row, in float, from the double sums of `count`
    values (total) and of their squares (squares; NULL for the mean alone) that sums() and
-   extremes() give: E[x^2] - E[x]^2 in double, never below 0 (a NaN stays one). As seven small
-   float64 tensor ops per gate (divide, convert, square, subtract, clamp, convert) this took
-   0.1-0.3 ms of a gate's step at ResNet-164's (128, 256) pools. */
+   extremes() give: E[x^2] - E[x]^2 in double, never below 0 (a NaN stays one). Done as seven
+   small float64 tensor ops (divide, convert, square, subtract, clamp, convert), it cost a gate's
+   training step 35-70 us more at (128, 64) and (128, 256) pools. */
 void moments(const double *restrict total, const double *restrict squares, int64_t len, int64_t count,
              float *restrict mean, float *restrict var) {
     for (int64_t r = 0; r < len; r++) {
