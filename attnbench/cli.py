@@ -132,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     tuning.add_argument("--trials", type=int, default=50, help="finished trials the tuning study should hold")
 
     par = p.add_argument_group("parallel runs")
-    par.add_argument("--workers", type=int, default=1,
-                     help="worker processes on this machine, each taking runs from the queue")
+    par.add_argument("--workers", type=int, default=None,
+                     help="worker processes on this machine, each taking runs from the queue (default: 1, or one "
+                          "per GPU in --gpus)")
     par.add_argument("--gpus", type=_int_list, default=(),
                      help="a worker (training or --tune) per listed GPU, e.g. 0,1,2,3; with --workers N, N workers "
                           "spread over them in turn")
@@ -274,11 +275,9 @@ def run(args: argparse.Namespace) -> int:
         return run_measure(args)
     configs, _ = plan(args, lambda m, d: tune.best_options(open_storage(args.storage, args.results_dir,
                                                                         must_exist=True), m, d))
-    if args.workers < 1:
-        raise UserError(f"--workers {args.workers}: need at least 1 worker")
+    slots = worker_slots(args)
     if args.slurm:
         require_slurm()
-    slots = gpu_slots(args.gpus, args.workers) if args.gpus else [None] * args.workers
     device = resolve_device("cuda" if args.gpus else args.device)
     check_amp(configs[0].amp, device)
     rt = Runtime(device=device, compile=args.compile, channels_last=not args.no_channels_last, progress=args.progress)
@@ -298,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
         threads=cpu_threads(args.threads, len(slots)),
         plugins=tuple(args.plugin))
     if args.slurm:
-        jobs = submit_slurm(settings, args.workers, partition=args.slurm_partition,
+        jobs = submit_slurm(settings, len(slots), partition=args.slurm_partition,
                             minutes=args.slurm_time, gpus=args.slurm_gpus, folder=args.results_dir / "slurm")
         print(f"submitted Slurm job array {jobs[0].job_id.split('_')[0]} with {len(jobs)} workers; when it is done, "
               "run the same command with --leaderboard-only", file=sys.stderr)
@@ -346,12 +345,12 @@ def run_tuning(args: argparse.Namespace) -> int:
     from attnbench.train import Runtime, check_amp, resolve_device
 
     spec = tune.tunable_spec(args.tune)
-    if args.trials < 1 or args.workers < 1:
-        raise UserError("--trials and --workers must be at least 1")
+    if args.trials < 1:
+        raise UserError(f"--trials {args.trials}: need at least 1 trial")
     args.modules, args.no_baseline, args.opt = [spec.name], True, []
     configs, _ = plan(args, lambda m, d: {})
     base = configs[0]
-    slots = gpu_slots(args.gpus, args.workers) if args.gpus else [None] * args.workers
+    slots = worker_slots(args)
     device = resolve_device("cuda" if args.gpus else args.device)
     check_amp(base.amp, device)
     rt = Runtime(device=device, compile=args.compile, channels_last=not args.no_channels_last, progress=args.progress)
@@ -380,16 +379,25 @@ def cpu_threads(requested: int, workers: int) -> int:
     return requested or max(1, (os.cpu_count() or 1) // workers)
 
 
-def gpu_slots(gpus: tuple[int, ...], workers: int = 1) -> list[str | None]:
+def worker_slots(args: argparse.Namespace) -> list[str | None]:
+    """Where each worker runs: a GPU of --gpus each (gpu_slots), or --workers of them (default 1)
+    on the device --device names (None)."""
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers}: need at least 1 worker")
+    return gpu_slots(args.gpus, args.workers) if args.gpus else [None] * (args.workers or 1)
+
+
+def gpu_slots(gpus: tuple[int, ...], workers: int | None = None) -> list[str | None]:
     """The GPU each worker is pinned to: one worker per listed GPU, or `workers` of them given to
-    the GPUs in turn (several small runs can share a large GPU)."""
+    the GPUs in turn (several small runs can share a large GPU). Fewer workers than GPUs would
+    leave one idle, which is refused, also for an explicit --workers 1."""
     visible = torch.cuda.device_count()
     bad = [g for g in gpus if not 0 <= g < visible]
     if bad:
         raise UserError(f"--gpus: GPU {bad[0]} does not exist ({visible} CUDA device(s) visible"
                         + (f": 0..{visible - 1})" if visible else ")") + "; drop --gpus to train on the CPU")
     unique = [str(g) for g in dict.fromkeys(gpus)]
-    if 1 < workers < len(unique):
+    if workers is not None and workers < len(unique):
         raise UserError(f"--workers {workers} with {len(unique)} GPUs in --gpus would leave GPUs idle; "
-                        f"list {workers} GPUs, or give --workers {len(unique)} or more")
-    return [unique[i % len(unique)] for i in range(max(workers, len(unique)))]
+                        f"list {workers} GPU{'s' if workers > 1 else ''}, or give --workers {len(unique)} or more")
+    return [unique[i % len(unique)] for i in range(max(workers or 0, len(unique)))]

@@ -115,7 +115,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, results, cap
 
 def test_gpus_take_one_worker_each_or_the_workers_in_turn(monkeypatch):
     """--gpus 0,1 is a worker per GPU; with --workers 4, two per GPU; fewer workers than GPUs
-    (but more than the default 1) would leave a listed GPU idle, which is refused."""
+    would leave a listed GPU idle, which is refused, an explicit --workers 1 included (it used
+    to be taken for the default and start a worker per GPU)."""
     monkeypatch.setattr("torch.cuda.device_count", lambda: 4)
     assert gpu_slots((0, 1)) == ["0", "1"]
     assert gpu_slots((0, 1, 1)) == ["0", "1"]
@@ -123,8 +124,20 @@ def test_gpus_take_one_worker_each_or_the_workers_in_turn(monkeypatch):
     assert gpu_slots((2, 3), workers=3) == ["2", "3", "2"]
     with pytest.raises(UserError, match="--workers 2 with 3 GPUs"):
         gpu_slots((0, 1, 2), workers=2)
+    with pytest.raises(UserError, match="--workers 1 with 2 GPUs in --gpus would leave GPUs idle; list 1 GPU,"):
+        gpu_slots((0, 1), workers=1)
+    assert gpu_slots((3,), workers=1) == ["3"]
     with pytest.raises(UserError, match="GPU 4 does not exist"):
         gpu_slots((4,), workers=2)
+
+
+@pytest.mark.parametrize("mode", [[], ["--tune", "spe"]], ids=["train", "tune"])
+def test_an_explicit_single_worker_with_two_gpus_is_refused(tmp_path, results, capsys, monkeypatch, mode):
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    one_line_error(capsys, run_cli(tmp_path, *mode, "--gpus", "0,1", "--workers", "1"),
+                   "--workers 1 with 2 GPUs in --gpus would leave GPUs idle")
+    one_line_error(capsys, run_cli(tmp_path, *mode, "--workers", "0"), "--workers 0: need at least 1 worker")
+    assert not list(results.iterdir())
 
 
 def test_diverging_run_is_recorded_as_failed_and_the_grid_goes_on(tmp_path, results, capsys):
