@@ -11,7 +11,7 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from tabulate import tabulate
@@ -22,6 +22,10 @@ from attnbench.data import DATASETS
 from attnbench.errors import UserError
 from attnbench.models import blocks_per_stage, build_model, count_params
 from attnbench.models.resnet import LAYERS_PER_BLOCK
+
+if TYPE_CHECKING:  # imported where used, so that --help and --list need no optuna import
+    from attnbench.bench import SplitCache
+    from attnbench.train import Runtime
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -254,9 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     # Imported here so that --help and --list need no optuna import.
     from attnbench import tune
-    from attnbench.bench import SplitCache, run_attrs, work, write_outputs
+    from attnbench.bench import run_attrs, work, write_outputs
     from attnbench.storage import RunStore, open_storage, storage_url
-    from attnbench.train import Runtime, check_amp, resolve_device
     from attnbench.workers import WorkerSettings, launch, require_slurm, submit_slurm
 
     torch.set_num_threads(cpu_threads(args.threads, 1))  # this process's share, when it trains itself
@@ -278,12 +281,8 @@ def run(args: argparse.Namespace) -> int:
     slots = worker_slots(args)
     if args.slurm:
         require_slurm()
-    device = resolve_device("cuda" if args.gpus else args.device)
-    check_amp(configs[0].amp, device)
-    rt = Runtime(device=device, compile=args.compile, channels_last=not args.no_channels_last, progress=args.progress)
-    in_process = len(slots) == 1 and not args.slurm and not args.gpus
-    # Workers in other processes load their own copy; here the data is only checked, on the CPU.
-    splits = SplitCache(args.data_dir, args.download, rt if in_process else Runtime(device=torch.device("cpu")))
+    in_process = slots == [None] and not args.slurm
+    device, rt, splits = runtime_and_data(args, configs[0].amp, in_process)
     attrs = {cfg.key(): run_attrs(cfg, splits[cfg], args.preset) for cfg in configs}
     store = RunStore(open_storage(args.storage, args.results_dir), args.study)
     counts = store.enqueue(configs, attrs)
@@ -340,9 +339,7 @@ def run_measure(args: argparse.Namespace) -> int:
 
 def run_tuning(args: argparse.Namespace) -> int:
     from attnbench import tune
-    from attnbench.bench import SplitCache
     from attnbench.storage import open_storage, storage_url
-    from attnbench.train import Runtime, check_amp, resolve_device
 
     spec = tune.tunable_spec(args.tune)
     if args.trials < 1:
@@ -351,12 +348,8 @@ def run_tuning(args: argparse.Namespace) -> int:
     configs, _ = plan(args, lambda m, d: {})
     base = configs[0]
     slots = worker_slots(args)
-    device = resolve_device("cuda" if args.gpus else args.device)
-    check_amp(base.amp, device)
-    rt = Runtime(device=device, compile=args.compile, channels_last=not args.no_channels_last, progress=args.progress)
     in_process = slots == [None]
-    # Workers in other processes load their own copy; here the data is only checked, on the CPU.
-    splits = SplitCache(args.data_dir, args.download, rt if in_process else Runtime(device=torch.device("cpu")))
+    device, rt, splits = runtime_and_data(args, base.amp, in_process)
     if not base.val_split:  # tuning never looks at the test set: hold out a tenth by default
         base = replace(base, val_split=max(1, len(splits[base].train_labels) // 10))
     storage = open_storage(args.storage, args.results_dir)
@@ -377,6 +370,20 @@ def cpu_threads(requested: int, workers: int) -> int:
     if requested < 0:
         raise UserError(f"--threads {requested}: use a positive number, or 0 for automatic")
     return requested or max(1, (os.cpu_count() or 1) // workers)
+
+
+def runtime_and_data(args: argparse.Namespace, amp: str, in_process: bool) -> tuple[torch.device, Runtime, SplitCache]:
+    """The device the runs train on (CUDA with --gpus, checked against --amp), this process's
+    Runtime, and the datasets: on that device where this process trains itself; else only
+    checked, on the CPU, since workers in other processes load their own copy."""
+    from attnbench.bench import SplitCache
+    from attnbench.train import Runtime, check_amp, resolve_device
+
+    device = resolve_device("cuda" if args.gpus else args.device)
+    check_amp(amp, device)
+    rt = Runtime(device=device, compile=args.compile, channels_last=not args.no_channels_last, progress=args.progress)
+    cpu = Runtime(device=torch.device("cpu"))
+    return device, rt, SplitCache(args.data_dir, args.download, rt if in_process else cpu)
 
 
 def worker_slots(args: argparse.Namespace) -> list[str | None]:

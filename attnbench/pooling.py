@@ -176,18 +176,17 @@ class _FoldedGraph:
             self.x_pools, fold.pixels, self.weight, norm.bias.detach(), norm.eps, *running_update(norm), fold.pools)
         self.kept = self.a, batch_mean, invstd
         self.attention = _Graph(fold.attention, fold.pools, dict(zip(fold.pools, of_y)), shape, params)
-        scale = self.attention.outputs[0].detach()
-        shift = self.b.view(1, -1, 1, 1) * scale
+        self.scale = self.attention.outputs[0].detach()
+        shift = self.b.view(1, -1, 1, 1) * self.scale
         if len(self.attention.outputs) == 2:
             shift += self.attention.outputs[1].detach()
-        self.outputs = self.a.view(1, -1, 1, 1) * scale, shift
+        self.outputs = self.a.view(1, -1, 1, 1) * self.scale, shift
 
     def differentiate(self, grads: Sequence[Tensor | None]) -> tuple[dict[str, Tensor | None], list[Tensor | None]]:
         d_scale, d_shift = (g.float().view(self.shape) for g in grads)  # of a * scale and of the shift
-        scale = self.attention.outputs[0].detach()
         to_scale = d_scale * self.a.view(1, -1, 1, 1) + d_shift * self.b.view(1, -1, 1, 1)
         by_y, param_grads = self.attention.differentiate((to_scale, d_shift))
-        d_a, d_b = (d_scale * scale).sum((0, 2, 3)), (d_shift * scale).sum((0, 2, 3))
+        d_a, d_b = (d_scale * self.scale).sum((0, 2, 3)), (d_shift * self.scale).sum((0, 2, 3))
         by_x, *d_norm = fused.fold_backward(d_a, d_b, {p: g for p, g in by_y.items() if g is not None},
                                             self.x_pools, self.weight, self.kept)
         for at, p in enumerate(self.attention.params):  # plus what the attention's own use of them gave

@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
-
-import torch
 
 from attnbench import registry
 from attnbench.bench import SplitCache, worker_name
