@@ -36,6 +36,7 @@ it out.
 from __future__ import annotations
 
 import functools
+import types
 import weakref
 from typing import Callable, Iterable, Sequence
 
@@ -210,8 +211,10 @@ def _method_of(attention: Callable) -> tuple[nn.Module, Callable] | None:
     or after a norm."""
     attention = attention.attention if isinstance(attention, _AfterNorm) else attention
     bound = attention.func if isinstance(attention, functools.partial) else attention
-    owner = getattr(bound, "__self__", None)
-    return (owner, bound.__func__) if isinstance(owner, nn.Module) else None
+    # isinstance MethodType, not getattr(bound, "__self__", None): torch.compile reads the latter as None
+    if isinstance(bound, types.MethodType) and isinstance(bound.__self__, nn.Module):
+        return bound.__self__, bound.__func__
+    return None
 
 
 def _once(*params: Tensor) -> tuple[Tensor, ...]:

@@ -51,7 +51,7 @@ def finish(layers: Sequence[nn.Module], x: Tensor, shortcut: Tensor | None, relu
     layers = [layer for layer in layers if not isinstance(layer, nn.Identity)]
     if not layers:  # e.g. a plugin's norm that is an identity, in a block without a gate
         return add(x, shortcut, relu)
-    *body, last = layers
+    body, last = layers[:-1], layers[-1]  # not `*body, last = layers`: torch 2.11's compile makes body a tuple
     hand_over = {}
     if body and _takes(type(last), "residual", "relu", "before"):
         hand_over["before"] = body.pop()  # which the gate may fold (a norm) into its own passes

@@ -161,6 +161,10 @@ class Stepper:
         def autocast() -> AbstractContextManager:
             return torch.autocast(rt.device.type, dtype=dtype) if dtype else nullcontext()
 
+        if rt.compile:
+            # A worker compiles run after run in one process; past torch's recompile limit (8 graphs
+            # of ResNet.forward) it would silently train the rest eagerly.
+            torch.compiler.reset()
         return cls(model, optimizer, torch.compile(model) if rt.compile else model, autocast,
                    torch.amp.GradScaler(rt.device.type) if amp == "fp16" else None, rt.device)
 
