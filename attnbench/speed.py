@@ -37,7 +37,7 @@ from attnbench.config import RunConfig, preset
 from attnbench.data import Splits, load_dataset, train_batches
 from attnbench.errors import UserError
 from attnbench.models import blocks_per_stage, build_model
-from attnbench.train import Runtime, Stepper, resolve_device
+from attnbench.train import Runtime, Stepper, check_amp, resolve_device
 
 
 class TorchvisionCifar(CIFAR10):
@@ -247,14 +247,15 @@ def measure(cfg: RunConfig, splits: Splits, rt: Runtime, *, blocks: int = 7, ste
                 process.kill()
 
 
-def machine() -> str:
+def machine(device: torch.device) -> str:
     """What the numbers depend on, in one line."""
+    gpu = f"{torch.cuda.get_device_name(device)}, " if device.type == "cuda" else ""
     cpu = platform.processor() or platform.machine()
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else ():
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    return (f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads, "
+    return (f"{gpu}{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads, "
             f"load average {os.getloadavg()[0]:.2f}")
 
 
@@ -275,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("--no-channels-last", action="store_true", help="harness side in NCHW")
     parser.add_argument("--compile", action="store_true", help="torch.compile the harness side's model")
+    parser.add_argument("--amp", default="", help="bf16 or fp16 autocast on the harness side (CUDA; the "
+                        "original code trained in float32)")
     args = parser.parse_args(argv)
     try:
         if min(args.blocks, args.steps, args.batch_size) < 1 or min(args.warmup, args.workers) < 0:
@@ -286,14 +289,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         rt = Runtime(device=resolve_device(args.device), compile=args.compile,
                      channels_last=not args.no_channels_last, progress=False)
         cfg = preset("paper", module=args.module, dataset=args.dataset, depth=args.depth, block=args.block,
-                     batch_size=args.batch_size)
+                     batch_size=args.batch_size, amp=args.amp)
+        check_amp(cfg.amp, rt.device)
         blocks_per_stage(cfg.depth, cfg.block)  # a bad depth is one line, before loading anything
         splits = load_dataset(cfg.dataset, args.data_dir)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{cfg.arch}-{cfg.depth} ({cfg.block}, {cfg.label}), batch {cfg.batch_size}, {len(splits.train_labels)} "
-          f"{cfg.dataset} images, {rt.device}; {machine()}", flush=True)
+          f"{cfg.dataset} images, {rt.device}{' ' + cfg.amp if cfg.amp else ''}; {machine(rt.device)}", flush=True)
 
     def report(block: int, plain: float, harness: float, others: float | None) -> None:
         load = "" if others is None else f", other processes {others:.0%} of the CPU"

@@ -80,6 +80,9 @@ def test_speed_command_prints_both_speeds_the_ratio_and_a_load_warning(monkeypat
     assert "other processes took up to 50% of the CPU" in err
 
 
-def test_speed_command_rejects_a_bad_depth_in_one_line(capsys: pytest.CaptureFixture) -> None:
-    assert speed.main(["--depth", "21", "--device", "cpu"]) == 2
-    assert "depth 21 is not valid" in capsys.readouterr().err
+@pytest.mark.parametrize("args, needle", [(["--depth", "21"], "depth 21 is not valid"),
+                                          (["--amp", "bf16"], "--amp bf16 needs a CUDA device")])
+def test_speed_command_rejects_bad_input_in_one_line(args, needle, capsys: pytest.CaptureFixture) -> None:
+    assert speed.main([*args, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
