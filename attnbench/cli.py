@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--study", default="attnbench", help="name of the Optuna study holding the runs")
     where.add_argument("--checkpoint-dir", type=Path, default=None, help="default: RESULTS_DIR/checkpoints")
     where.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    where.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on CUDA)")
+    where.add_argument("--compile", action="store_true",
+                       help="torch.compile the model (for CUDA; minutes of compiling per run and shape)")
     where.add_argument("--threads", type=int, default=0,
                        help="CPU threads per worker (default: the cores divided among the workers)")
     where.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory layout")

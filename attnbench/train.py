@@ -148,7 +148,8 @@ class Stepper:
              amp: str = "") -> Stepper:
         """Move `model` to the runtime's device and layout and give it the recipe's optimiser;
         measure.py times its train steps through this too. On the CPU it also makes the process
-        keep freed memory (keep_freed_memory), for good."""
+        keep freed memory (keep_freed_memory), for good; with rt.compile it clears the process's
+        compiled graphs first."""
         model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
                                     foreach=True)
@@ -163,7 +164,7 @@ class Stepper:
 
         if rt.compile:
             # A worker compiles run after run in one process; past torch's recompile limit (8 graphs
-            # of ResNet.forward) it would silently train the rest eagerly.
+            # of ResNet.forward) it would train the rest eagerly, with one logged warning.
             torch.compiler.reset()
         return cls(model, optimizer, torch.compile(model) if rt.compile else model, autocast,
                    torch.amp.GradScaler(rt.device.type) if amp == "fp16" else None, rt.device)

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from attnbench import registry
 from attnbench.errors import UserError
 from attnbench.models import build_model
-from conftest import needs_kernels
+from conftest import assert_trained_alike, needs_kernels
 
 # REFERENCE.md section 1 and 3: exact parameter counts of ResNet-164 (post-activation).
 BASE = {10: 1_704_154, 100: 1_727_284}
@@ -62,9 +62,11 @@ def test_output_shape_and_every_parameter_learns(module, arch, block, depth):
 @pytest.mark.parametrize("module", sorted(EXTRA))
 def test_every_module_compiles_to_one_graph_that_trains_as_eager(module, arch):
     """torch.compile (--compile) must see the whole model as one graph: a graph break falls back to
-    eager for that frame, and a Python check that reads differently under tracing took the gates
-    off the compiled path (torch 2.11, on a GPU). aot_eager traces forward and backward as the
-    default backend does, without its minutes of code generation."""
+    eager for that frame. A check in gate() that reads differently under tracing broke every
+    gate's graph (torch 2.14 here, and 2.11 on a GPU). aot_eager traces forward and backward as
+    the default backend does, without its minutes of code generation. (The other compile bug,
+    an unpacking in residual.finish, showed only under torch 2.11: tests/test_cuda.py catches it
+    there.)"""
     results = []
     for compiled in (True, False):
         torch.manual_seed(0)
@@ -74,11 +76,9 @@ def test_every_module_compiles_to_one_graph_that_trains_as_eager(module, arch):
         x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(memory_format=torch.channels_last)
         out = forward(x)
         F.cross_entropy(out, torch.arange(4)).backward()
-        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    (out, grads), (out_eager, grads_eager) = results
-    assert torch.allclose(out, out_eager, rtol=1e-4, atol=1e-5)
-    for name, grad in grads.items():
-        assert (grad - grads_eager[name]).norm() <= 1e-3 * grads_eager[name].norm(), name
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()},
+                        {n: b.clone() for n, b in model.named_buffers()}))
+    assert_trained_alike(*results, grads_rel=1e-3, buffers_rtol=1e-5)
 
 
 def test_resnet164_forward_shape():

@@ -12,7 +12,7 @@ import torch
 
 from attnbench.config import preset
 from attnbench.data import load_dataset
-from attnbench.train import Diverged, Runtime, lr_at, train
+from attnbench.train import Diverged, Runtime, Stepper, lr_at, train
 
 CPU = Runtime(device=torch.device("cpu"), progress=False)
 
@@ -128,3 +128,17 @@ def test_training_steps_reuse_memory_instead_of_faulting_it_in_again():
     kept, default = faults("kept"), faults("default")
     assert default > 20_000, default  # 3 steps
     assert kept * 3 < default, (kept, default)
+
+
+def test_run_after_run_in_one_process_stays_compiled(monkeypatch):
+    """A worker compiles a new model for every run. Past torch's recompile limit on ResNet.forward
+    (8 graphs by default, 1 here) the next model would run eagerly; with fullgraph=True that is an
+    error instead, so this fails unless Stepper.wrap clears the compiler's caches first."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend="eager", fullgraph=True))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    for module in ("none", "se", "spe"):
+        stepper = Stepper.build(preset("quick", module=module), 10, replace(CPU, compile=True))
+        loss_sum, _ = stepper.run([(x, torch.arange(2))])
+        assert torch.isfinite(loss_sum)
