@@ -7,9 +7,14 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+import torch
 
+from attnbench import registry, tune
 from attnbench.cli import main
+from attnbench.config import preset
+from attnbench.data import load_dataset
 from attnbench.storage import open_storage
+from attnbench.train import Runtime
 from attnbench.tune import study_name
 from conftest import kill_a_worker_mid_trial
 
@@ -17,8 +22,6 @@ TINY = ["--preset", "quick", "--train-size", "400", "--epochs", "2", "--no-progr
 
 
 def test_spe_search_space_maps_ratio_and_norm_to_p():
-    from attnbench import registry
-
     trial = optuna.trial.FixedTrial({"p0_to_p1": 3.0, "p_norm": 2.0, "alpha": 0.05})
     options = registry.get("spe").suggest(trial)
     assert options["p0"] / options["p1"] == pytest.approx(3.0)
@@ -110,3 +113,19 @@ def test_tuning_workers_take_the_listed_gpus(tmp_path, monkeypatch):
     with pytest.raises(Launched) as launched:
         main([*TINY, "--tune", "spe", "--gpus", "0,1", "--workers", "4", "--results-dir", str(tmp_path)])
     assert launched.value.args == (["0", "1", "0", "1"], "cuda")
+
+
+def test_ctrl_c_in_a_trial_closes_it_as_failed(tmp_path, monkeypatch):
+    """Ctrl-C mid-trial must not leave the trial RUNNING, which no finished count includes:
+    Optuna's optimize closes it as failed before passing the interrupt on (the path a worker of
+    --tune takes; each worker gets the terminal's SIGINT)."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune, "train", interrupted)
+    storage = open_storage(None, tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        tune.optimise(storage, registry.get("spe"), preset("quick"), load_dataset("synthetic", "unused", size=64),
+                      Runtime(device=torch.device("cpu"), progress=False), trials=3)
+    study = optuna.load_study(study_name=study_name("spe", "synthetic"), storage=storage)
+    assert [t.state.name for t in study.trials] == ["FAIL"]
