@@ -20,7 +20,6 @@ Like the fused gates, _AddReLU has no double backward (it raises), and torch's _
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Sequence
 
@@ -62,10 +61,15 @@ def finish(layers: Sequence[nn.Module], x: Tensor, shortcut: Tensor | None, relu
     return add(last(x), shortcut, relu)
 
 
-@functools.cache
+_FORWARD_PARAMETERS: dict[type, frozenset[str]] = {}
+
+
+@torch.compiler.assume_constant_result  # torch.compile calls it rather than tracing inspect (or a cache)
 def _takes(layer_type: type, *keywords: str) -> bool:
-    parameters = inspect.signature(layer_type.forward).parameters
-    return all(keyword in parameters for keyword in keywords)
+    names = _FORWARD_PARAMETERS.get(layer_type)
+    if names is None:
+        names = _FORWARD_PARAMETERS[layer_type] = frozenset(inspect.signature(layer_type.forward).parameters)
+    return all(keyword in names for keyword in keywords)
 
 
 class _AddReLU(torch.autograd.Function):

@@ -58,6 +58,7 @@ def test_output_shape_and_every_parameter_learns(module, arch, block, depth):
         assert not [n for n, p in model.named_parameters() if p.grad.abs().sum() == 0]
 
 
+@pytest.mark.filterwarnings("error:Dynamo detected a call:UserWarning")  # e.g. to a functools.cache
 @pytest.mark.parametrize("arch", ["resnet", "preresnet"])
 @pytest.mark.parametrize("module", sorted(EXTRA))
 def test_every_module_compiles_to_one_graph_that_trains_as_eager(module, arch):
