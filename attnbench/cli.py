@@ -283,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
     if args.slurm:
         require_slurm()
     in_process = slots == [None] and not args.slurm
-    device, rt, splits = runtime_and_data(args, configs[0].amp, in_process)
+    rt, splits = runtime_and_data(args, configs[0].amp, in_process)
     attrs = {cfg.key(): run_attrs(cfg, splits[cfg], args.preset) for cfg in configs}
     store = RunStore(open_storage(args.storage, args.results_dir), args.study)
     counts = store.enqueue(configs, attrs)
@@ -293,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
     settings = WorkerSettings(
         storage=storage_url(args.storage, args.results_dir), results_dir=args.results_dir, study=args.study,
         checkpoint_dir=checkpoint_dir, data_dir=args.data_dir, download=args.download,
-        device="cuda" if args.gpus else str(device), compile=args.compile, channels_last=not args.no_channels_last,
+        device=str(rt.device), compile=args.compile, channels_last=not args.no_channels_last,
         threads=cpu_threads(args.threads, len(slots)),
         plugins=tuple(args.plugin))
     if args.slurm:
@@ -350,7 +350,7 @@ def run_tuning(args: argparse.Namespace) -> int:
     base = configs[0]
     slots = worker_slots(args)
     in_process = slots == [None]
-    device, rt, splits = runtime_and_data(args, base.amp, in_process)
+    rt, splits = runtime_and_data(args, base.amp, in_process)
     if not base.val_split:  # tuning never looks at the test set: hold out a tenth by default
         base = replace(base, val_split=max(1, len(splits[base].train_labels) // 10))
     storage = open_storage(args.storage, args.results_dir)
@@ -360,7 +360,7 @@ def run_tuning(args: argparse.Namespace) -> int:
     else:
         tune.optimise_in_workers(slots, storage_url(args.storage, args.results_dir), args.results_dir,
                                  spec.name, base, args.data_dir, args.download, args.trials,
-                                 cpu_threads(args.threads, len(slots)), tuple(args.plugin), device.type)
+                                 cpu_threads(args.threads, len(slots)), tuple(args.plugin), rt.device.type)
     print(tune.report(storage, spec.name, base.dataset, args.results_dir))
     print(f"wrote {args.results_dir / 'tuning.md'} and {args.results_dir / 'tuning.png'}", file=sys.stderr)
     return 0
@@ -373,10 +373,10 @@ def cpu_threads(requested: int, workers: int) -> int:
     return requested or max(1, (os.cpu_count() or 1) // workers)
 
 
-def runtime_and_data(args: argparse.Namespace, amp: str, in_process: bool) -> tuple[torch.device, Runtime, SplitCache]:
-    """The device the runs train on (CUDA with --gpus, checked against --amp), this process's
-    Runtime, and the datasets: on that device where this process trains itself; else only
-    checked, on the CPU, since workers in other processes load their own copy."""
+def runtime_and_data(args: argparse.Namespace, amp: str, in_process: bool) -> tuple[Runtime, SplitCache]:
+    """The Runtime the runs train with (its device CUDA with --gpus, checked against --amp), and
+    the datasets: on that device where this process trains itself; else only checked, on the CPU,
+    since workers in other processes load their own copy."""
     from attnbench.bench import SplitCache
     from attnbench.train import Runtime, check_amp, resolve_device
 
@@ -384,7 +384,7 @@ def runtime_and_data(args: argparse.Namespace, amp: str, in_process: bool) -> tu
     check_amp(amp, device)
     rt = Runtime(device=device, compile=args.compile, channels_last=not args.no_channels_last, progress=args.progress)
     cpu = Runtime(device=torch.device("cpu"))
-    return device, rt, SplitCache(args.data_dir, args.download, rt if in_process else cpu)
+    return rt, SplitCache(args.data_dir, args.download, rt if in_process else cpu)
 
 
 def worker_slots(args: argparse.Namespace) -> list[str | None]:
