@@ -35,6 +35,8 @@ def _int_list(text: str) -> tuple[int, ...]:
         try:
             if "-" in part[1:]:
                 low, high = part.split("-", 1) if not part.startswith("-") else (part, "")
+                if int(high) < int(low):
+                    raise argparse.ArgumentTypeError(f"'{part}' counts down; write the range low-high, e.g. {high}-{low}")
                 values.extend(range(int(low), int(high) + 1))
             else:
                 values.append(int(part))
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--no-baseline", action="store_true", help="do not add the 'none' baseline to the grid")
     grid.add_argument("--datasets", type=_names, default=None,
                       help=f"comma-separated, from {', '.join(DATASETS)} (default: the preset's)")
-    grid.add_argument("--seeds", type=_int_list, default=(0,), help="seeds, e.g. 0,1,2 or 0-4; one run each")
+    grid.add_argument("--seeds", type=_int_list, default="0", help="seeds, e.g. 0,1,2 or 0-4; one run each")
     grid.add_argument("--preset", choices=sorted(PRESETS), default="paper",
                       help="paper: the papers' ResNet-164 recipe; quick: synthetic data, tiny net, 2 epochs")
     grid.add_argument("--opt", action="append", default=[], metavar="MODULE.NAME=VALUE",
@@ -263,6 +265,12 @@ def run(args: argparse.Namespace) -> int:
     from attnbench.storage import RunStore, open_storage, storage_url
     from attnbench.workers import WorkerSettings, launch, require_slurm, submit_slurm
 
+    jobs = [flag for flag, given in (("--list", args.list), ("--leaderboard-only", args.leaderboard_only),
+                                     ("--tune", args.tune), ("--measure-only", args.measure_only)) if given]
+    if len(jobs) > 1:
+        raise UserError(f"{' and '.join(jobs)} are separate jobs; give one of them")
+    if args.results_dir.exists() and not args.results_dir.is_dir():
+        raise UserError(f"--results-dir {args.results_dir} is a file; give a folder (it is created if missing)")
     torch.set_num_threads(cpu_threads(args.threads, 1))  # this process's share, when it trains itself
     for path in args.plugin:
         registry.load_plugin(path)
@@ -277,8 +285,15 @@ def run(args: argparse.Namespace) -> int:
         return run_tuning(args)
     if args.measure_only:
         return run_measure(args)
-    configs, _ = plan(args, lambda m, d: tune.best_options(open_storage(args.storage, args.results_dir,
-                                                                        must_exist=True), m, d))
+
+    def tuned_options(module: str, dataset: str) -> dict:
+        try:
+            storage = open_storage(args.storage, args.results_dir, must_exist=True)
+        except UserError as exc:
+            raise UserError(f"{exc}; to tune, run --tune {module} --datasets {dataset} first") from None
+        return tune.best_options(storage, module, dataset)
+
+    configs, _ = plan(args, tuned_options)
     slots = worker_slots(args)
     if args.slurm:
         require_slurm()
@@ -335,6 +350,7 @@ def run_measure(args: argparse.Namespace) -> int:
     write_text(args.results_dir / "costs.md", markdown)
     write_text(args.results_dir / "costs.csv", table.to_csv(index=False))
     print(markdown)
+    print(f"wrote {args.results_dir / 'costs.md'} and {args.results_dir / 'costs.csv'}", file=sys.stderr)
     return 0
 
 

@@ -40,6 +40,7 @@ import math
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -47,7 +48,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from fvcore.nn import FlopCountAnalysis
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -56,6 +56,10 @@ from attnbench.config import preset
 from attnbench.errors import UserError
 from attnbench.models import build_model, count_params
 from attnbench.train import Runtime, Stepper, check_amp, resolve_device
+
+with warnings.catch_warnings():  # fvcore scripts a helper at import, which torch 2.14 calls deprecated
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
 
 CONVENTIONS = ("paper", "full")
 MODES = ("train", "inference")

@@ -107,10 +107,32 @@ def test_unknown_module_is_one_line_and_writes_nothing(tmp_path, results, capsys
     (["--leaderboard-only"], ["no storage at", "nothing has run there yet"]),
     (["--gpus", "7"], ["GPU 7 does not exist"]),
     (["--slurm"], ["no sbatch"]),
+    (["--block", "wide"], ["unknown --block 'wide'; use bottleneck or basic"]),
+    (["--seeds", "4-0"], ["'4-0' counts down", "0-4"]),
+    (["--opt", "spe=tuned", "--modules", "spe"], ["no storage at", "run --tune spe --datasets synthetic first"]),
+    (["--storage", "."], ["--storage . is a folder", "runs.journal"]),
+    (["--measure-only", "--leaderboard-only"], ["--leaderboard-only and --measure-only are separate jobs"]),
+    (["--tune", "spe", "--list"], ["--list and --tune are separate jobs"]),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, results, capsys, args, needles):
     one_line_error(capsys, run_cli(tmp_path, *args), *needles)
     assert not list(results.iterdir())
+
+
+def test_a_file_as_the_results_folder_is_one_line_and_left_alone(tmp_path, capsys):
+    taken = tmp_path / "results"
+    taken.write_text("someone's notes")
+    code = main([*TINY, "--results-dir", str(taken)])
+    one_line_error(capsys, code, f"--results-dir {taken} is a file")
+    assert taken.read_text() == "someone's notes"
+
+
+def test_the_command_line_prints_no_warning_of_fvcores_import(tmp_path):
+    """fvcore scripts a helper when imported, which torch calls deprecated: two lines on stderr
+    before every --measure-only's output or its one-line error."""
+    done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", "import attnbench.measure"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
 
 
 def test_gpus_take_one_worker_each_or_the_workers_in_turn(monkeypatch):
@@ -158,7 +180,8 @@ def test_module_options_make_their_own_runs(tmp_path, results, capsys):
 def test_measure_only_prints_and_stores_the_cost_table(tmp_path, results, capsys):
     assert run_cli(tmp_path, "--measure-only", "--modules", "spe", "--measure-repeats", "1",
                    "--measure-batch", "8") == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert f"wrote {results / 'costs.md'} and {results / 'costs.csv'}" in err
     table = pd.read_csv(results / "costs.csv")
     assert list(table["module"]) == ["none", "spe"]
     spe = table.set_index("module").loc["spe"]

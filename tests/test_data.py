@@ -133,6 +133,12 @@ def test_missing_data_says_where_it_looked(tmp_path):
     assert str(tmp_path / "nowhere" / "cifar-100-python") in str(err.value)
 
 
+def test_the_release_folder_itself_as_data_dir_names_its_parent(mini_cifar_dir):
+    one_too_deep = mini_cifar_dir / "cifar-10-batches-py"
+    with pytest.raises(UserError, match=f"pass the folder holding it, --data-dir {mini_cifar_dir}$"):
+        data.load_dataset("cifar10", one_too_deep)
+
+
 def test_download_fetches_the_official_archive_once(tmp_path, mini_cifar_dir, monkeypatch):
     calls = []
 

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
 from attnbench import measure, registry
@@ -206,7 +205,7 @@ def test_every_registered_module_is_fully_counted(module: str, caplog: pytest.Lo
 def test_fvcore_alone_would_warn(caplog: pytest.LogCaptureFixture) -> None:
     """The capture above sees fvcore's warnings: without our handles SE's gate is unsupported."""
     with caplog.at_level(logging.WARNING, logger="fvcore"):
-        FlopCountAnalysis(build_model("se", 11, CLASSES).eval(), torch.zeros(1, 3, 32, 32)).total()
+        measure.FlopCountAnalysis(build_model("se", 11, CLASSES).eval(), torch.zeros(1, 3, 32, 32)).total()
     assert any("Unsupported operator aten::mul" in r.getMessage() for r in caplog.records)
 
 

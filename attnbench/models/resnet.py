@@ -140,6 +140,8 @@ LAYERS_PER_BLOCK = {"bottleneck": 9, "basic": 6}
 
 def blocks_per_stage(depth: int, block: str) -> int:
     """n in depth = 9n+2 (bottleneck) or 6n+2 (basic); anything else is a user error."""
+    if block not in LAYERS_PER_BLOCK:
+        raise UserError(f"unknown --block '{block}'; use {' or '.join(LAYERS_PER_BLOCK)}")
     per = LAYERS_PER_BLOCK[block]
     if depth < per + 2 or (depth - 2) % per:
         examples = ", ".join(str(per * n + 2) for n in (1, 2, 3, 6, 12, 18))
