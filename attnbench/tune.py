@@ -3,8 +3,8 @@
 Each trial trains the module with options from the module's own search space (registry
 `tunable`), reports validation accuracy every epoch, and is pruned when it falls behind the
 median of earlier trials at the same epoch. The study lives in the same storage as the runs,
-as `tune-<module>`, so several workers (and machines, with a database storage) can tune it at
-once; `--opt MODULE=tuned` then trains the best options on the test protocol.
+as `tune-<module>-<dataset>`, so several workers (and machines, with a database storage) can
+tune it at once; `--opt MODULE=tuned` then trains the best options on the test protocol.
 """
 
 from __future__ import annotations

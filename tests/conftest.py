@@ -12,14 +12,16 @@ import torch
 
 from attnbench import fused, registry
 
-MINI_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-mini"
+# beside the checkout, as in the team's workspace; ATTNBENCH_MINI_CIFAR points elsewhere
+MINI_CIFAR = Path(os.environ.get("ATTNBENCH_MINI_CIFAR")
+                  or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-mini")
 
 
 @pytest.fixture
 def mini_cifar_dir() -> Path:
     """Folder holding cifar-10-batches-py/ with 4,000 train and 1,000 test real images."""
     if not (MINI_CIFAR / "cifar-10-batches-py").is_dir():
-        pytest.skip(f"the shared mini CIFAR-10 set is not at {MINI_CIFAR}")
+        pytest.skip(f"the shared mini CIFAR-10 set is not at {MINI_CIFAR} (set ATTNBENCH_MINI_CIFAR)")
     return MINI_CIFAR
 
 
