@@ -34,10 +34,11 @@ def _int_list(text: str) -> tuple[int, ...]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         try:
             if "-" in part[1:]:
-                low, high = part.split("-", 1) if not part.startswith("-") else (part, "")
-                if int(high) < int(low):
-                    raise argparse.ArgumentTypeError(f"'{part}' counts down; write the range low-high, e.g. {high}-{low}")
-                values.extend(range(int(low), int(high) + 1))
+                low, high = (int(v) for v in (part.split("-", 1) if not part.startswith("-") else (part, "")))
+                if high < low:
+                    raise argparse.ArgumentTypeError(f"'{part}' counts down; write the range low-high, "
+                                                     f"e.g. {high}-{low}")
+                values.extend(range(low, high + 1))
             else:
                 values.append(int(part))
         except ValueError:
@@ -269,14 +270,14 @@ def run(args: argparse.Namespace) -> int:
                                      ("--tune", args.tune), ("--measure-only", args.measure_only)) if given]
     if len(jobs) > 1:
         raise UserError(f"{' and '.join(jobs)} are separate jobs; give one of them")
-    if args.results_dir.exists() and not args.results_dir.is_dir():
-        raise UserError(f"--results-dir {args.results_dir} is a file; give a folder (it is created if missing)")
     torch.set_num_threads(cpu_threads(args.threads, 1))  # this process's share, when it trains itself
     for path in args.plugin:
         registry.load_plugin(path)
     if args.list:
         print(list_modules())
         return 0
+    if args.results_dir.exists() and not args.results_dir.is_dir():
+        raise UserError(f"--results-dir {args.results_dir} is a file; give a folder (it is created if missing)")
     if args.leaderboard_only:
         store = RunStore(open_storage(args.storage, args.results_dir, must_exist=True), args.study, create=False)
         print(write_outputs(store.runs(), args.results_dir))
@@ -287,11 +288,11 @@ def run(args: argparse.Namespace) -> int:
         return run_measure(args)
 
     def tuned_options(module: str, dataset: str) -> dict:
-        try:
-            storage = open_storage(args.storage, args.results_dir, must_exist=True)
-        except UserError as exc:
-            raise UserError(f"{exc}; to tune, run --tune {module} --datasets {dataset} first") from None
-        return tune.best_options(storage, module, dataset)
+        where = storage_url(args.storage, args.results_dir)
+        if "://" not in where and not Path(where).exists():
+            raise UserError(f"no tuning study for '{module}' on {dataset}: no storage at {where} yet; "
+                            f"run --tune {module} --datasets {dataset} first")
+        return tune.best_options(open_storage(args.storage, args.results_dir, must_exist=True), module, dataset)
 
     configs, _ = plan(args, tuned_options)
     slots = worker_slots(args)

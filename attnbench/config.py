@@ -29,8 +29,8 @@ class RunConfig:
     lr: float = field(default=0.1, metadata={"help": "initial SGD learning rate"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum (no Nesterov)"})
     weight_decay: float = field(default=1e-4, metadata={"help": "weight decay on every parameter"})
-    milestones: tuple[int, ...] = field(default=(81, 122),
-                                        metadata={"help": "0-indexed epochs where lr is multiplied by gamma, comma-separated"})
+    milestones: tuple[int, ...] = field(
+        default=(81, 122), metadata={"help": "0-indexed epochs where lr is multiplied by gamma, comma-separated"})
     gamma: float = field(default=0.1, metadata={"help": "lr decay factor at each milestone"})
     train_size: int = field(default=0, metadata={"help": "use only the first N training images (0 = all)"})
     val_split: int = field(default=0, metadata={"help": "hold out N training images as the evaluation set (for tuning)"})

@@ -137,6 +137,10 @@ def load_dataset(name: str, data_dir: str | Path, *, download: bool = False, val
 def _read_release(release: _Release, data_dir: Path, download: bool) -> tuple[tuple[Tensor, Tensor], ...]:
     folder = data_dir / release.folder
     files = {**release.train, **release.test}
+    if (data_dir.resolve().name == release.folder and any((data_dir / f).is_file() for f in files)
+            and not all((folder / f).is_file() for f in files)):
+        raise UserError(f"--data-dir {data_dir} is the {release.folder}/ folder itself; pass the folder holding it, "
+                        f"--data-dir {data_dir.resolve().parent}")
     if download and not all((folder / f).is_file() for f in files):
         from torchvision.datasets.utils import download_and_extract_archive
 
@@ -145,9 +149,6 @@ def _read_release(release: _Release, data_dir: Path, download: bool) -> tuple[tu
         except (OSError, RuntimeError) as exc:
             raise UserError(f"downloading {release.url} into {data_dir} failed: {exc}") from exc
     missing = [f for f in files if not (folder / f).is_file()]
-    if missing and data_dir.name == release.folder and all((data_dir / f).is_file() for f in files):
-        raise UserError(f"--data-dir {data_dir} is the {release.folder}/ folder itself; pass the folder holding it, "
-                        f"--data-dir {data_dir.parent}")
     if missing:
         raise UserError(f"no {release.title} data at {folder} (missing {', '.join(missing)}); "
                         f"pass --download to fetch it, or --data-dir to the folder holding {release.folder}/")

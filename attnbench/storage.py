@@ -55,10 +55,11 @@ def open_storage(url: str | None, results_dir: Path, must_exist: bool = False) -
 
     if url is None or "://" not in url:
         path = Path(url) if url else results_dir / "runs.journal"
+        if path.is_dir():
+            raise UserError(f"--storage {path} is a folder; give a file in it, e.g. {path / 'runs.journal'}" if url
+                            else f"{path} is a folder, where the runs' journal file goes; move it away")
         if must_exist and not path.is_file():
             raise UserError(f"no storage at {path}: nothing has run there yet; check --results-dir or --storage")
-        if path.is_dir():
-            raise UserError(f"--storage {path} is a folder; give a file in it, e.g. {path / 'runs.journal'}")
         if not url:  # the default place: the results folder is ours to create
             results_dir.mkdir(parents=True, exist_ok=True)
         if not path.parent.is_dir():

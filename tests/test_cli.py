@@ -109,7 +109,7 @@ def test_unknown_module_is_one_line_and_writes_nothing(tmp_path, results, capsys
     (["--slurm"], ["no sbatch"]),
     (["--block", "wide"], ["unknown --block 'wide'; use bottleneck or basic"]),
     (["--seeds", "4-0"], ["'4-0' counts down", "0-4"]),
-    (["--opt", "spe=tuned", "--modules", "spe"], ["no storage at", "run --tune spe --datasets synthetic first"]),
+    (["--leaderboard-only", "--storage", "."], ["--storage . is a folder"]),
     (["--storage", "."], ["--storage . is a folder", "runs.journal"]),
     (["--measure-only", "--leaderboard-only"], ["--leaderboard-only and --measure-only are separate jobs"]),
     (["--tune", "spe", "--list"], ["--list and --tune are separate jobs"]),
@@ -125,6 +125,12 @@ def test_a_file_as_the_results_folder_is_one_line_and_left_alone(tmp_path, capsy
     code = main([*TINY, "--results-dir", str(taken)])
     one_line_error(capsys, code, f"--results-dir {taken} is a file")
     assert taken.read_text() == "someone's notes"
+    assert main(["--list", "--results-dir", str(taken)]) == 0  # listing never touches the folder
+
+
+def test_an_unreachable_database_is_not_told_to_tune(tmp_path, results, capsys):
+    code = run_cli(tmp_path, "--opt", "spe=tuned", "--modules", "spe", "--storage", "sqlite:////nonexistent/dir/t.db")
+    assert "--tune" not in one_line_error(capsys, code, "is unreachable")
 
 
 def test_the_command_line_prints_no_warning_of_fvcores_import(tmp_path):

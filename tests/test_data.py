@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import re
 import time
 import urllib.error
 from pathlib import Path
@@ -133,10 +134,19 @@ def test_missing_data_says_where_it_looked(tmp_path):
     assert str(tmp_path / "nowhere" / "cifar-100-python") in str(err.value)
 
 
-def test_the_release_folder_itself_as_data_dir_names_its_parent(mini_cifar_dir):
-    one_too_deep = mini_cifar_dir / "cifar-10-batches-py"
-    with pytest.raises(UserError, match=f"pass the folder holding it, --data-dir {mini_cifar_dir}$"):
-        data.load_dataset("cifar10", one_too_deep)
+@pytest.mark.parametrize("download", [False, True])
+def test_the_release_folder_itself_as_data_dir_names_its_parent(tmp_path, mini_cifar_dir, monkeypatch, download):
+    """Checked before any download, which would otherwise fill a second folder inside the first;
+    one file is enough to recognise the folder."""
+    one_too_deep = tmp_path / "cifar-10-batches-py"
+    one_too_deep.mkdir()
+    (one_too_deep / "data_batch_1").write_bytes((mini_cifar_dir / "cifar-10-batches-py" / "data_batch_1").read_bytes())
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive",
+                        lambda *a, **k: pytest.fail("downloaded into the release folder"))
+    monkeypatch.chdir(one_too_deep)
+    for given in (one_too_deep, Path(".")):
+        with pytest.raises(UserError, match=f"pass the folder holding it, --data-dir {re.escape(str(tmp_path))}$"):
+            data.load_dataset("cifar10", given, download=download)
 
 
 def test_download_fetches_the_official_archive_once(tmp_path, mini_cifar_dir, monkeypatch):

@@ -67,7 +67,8 @@ def test_module_without_tunable_options_is_refused(tmp_path, capsys):
 
 def test_tuned_without_a_study_is_refused(tmp_path, capsys):
     assert main([*TINY, "--modules", "spe", "--opt", "spe=tuned", "--results-dir", str(tmp_path)]) == 2
-    assert "nothing has run there yet" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no tuning study for 'spe' on synthetic" in err and "run --tune spe --datasets synthetic first" in err
     assert not list(tmp_path.iterdir())
 
 
