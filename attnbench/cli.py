@@ -263,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
     # Imported here so that --help and --list need no optuna import.
     from attnbench import tune
     from attnbench.bench import run_attrs, work, write_outputs
-    from attnbench.storage import RunStore, open_storage, storage_url
+    from attnbench.storage import NoStorage, RunStore, open_storage, storage_url
     from attnbench.workers import WorkerSettings, launch, require_slurm, submit_slurm
 
     jobs = [flag for flag, given in (("--list", args.list), ("--leaderboard-only", args.leaderboard_only),
@@ -288,11 +288,12 @@ def run(args: argparse.Namespace) -> int:
         return run_measure(args)
 
     def tuned_options(module: str, dataset: str) -> dict:
-        where = storage_url(args.storage, args.results_dir)
-        if "://" not in where and not Path(where).exists():
-            raise UserError(f"no tuning study for '{module}' on {dataset}: no storage at {where} yet; "
-                            f"run --tune {module} --datasets {dataset} first")
-        return tune.best_options(open_storage(args.storage, args.results_dir, must_exist=True), module, dataset)
+        try:
+            storage = open_storage(args.storage, args.results_dir, must_exist=True)
+        except NoStorage as exc:
+            raise UserError(f"no tuning study for '{module}' on {dataset} ({exc}); "
+                            f"run --tune {module} --datasets {dataset} first") from None
+        return tune.best_options(storage, module, dataset)
 
     configs, _ = plan(args, tuned_options)
     slots = worker_slots(args)

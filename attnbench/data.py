@@ -137,11 +137,11 @@ def load_dataset(name: str, data_dir: str | Path, *, download: bool = False, val
 def _read_release(release: _Release, data_dir: Path, download: bool) -> tuple[tuple[Tensor, Tensor], ...]:
     folder = data_dir / release.folder
     files = {**release.train, **release.test}
-    if (data_dir.resolve().name == release.folder and any((data_dir / f).is_file() for f in files)
-            and not all((folder / f).is_file() for f in files)):
+    complete = all((folder / f).is_file() for f in files)
+    if not complete and data_dir.resolve().name == release.folder and any((data_dir / f).is_file() for f in files):
         raise UserError(f"--data-dir {data_dir} is the {release.folder}/ folder itself; pass the folder holding it, "
                         f"--data-dir {data_dir.resolve().parent}")
-    if download and not all((folder / f).is_file() for f in files):
+    if download and not complete:
         from torchvision.datasets.utils import download_and_extract_archive
 
         try:

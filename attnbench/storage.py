@@ -47,9 +47,14 @@ RUN_COLUMNS = ["module", "dataset", "seed", "state", "best_acc", "best_epoch", "
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+class NoStorage(UserError):
+    """open_storage(must_exist=True) found no journal file: nothing has run there yet."""
+
+
 def open_storage(url: str | None, results_dir: Path, must_exist: bool = False) -> optuna.storages.BaseStorage:
     """The default is a journal file under results/: embedded, and safe for several processes.
-    With `must_exist`, a journal file that is not there is an error rather than a new file."""
+    With `must_exist`, a journal file that is not there is an error (NoStorage) rather than a new
+    file."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -59,7 +64,7 @@ def open_storage(url: str | None, results_dir: Path, must_exist: bool = False) -
             raise UserError(f"--storage {path} is a folder; give a file in it, e.g. {path / 'runs.journal'}" if url
                             else f"{path} is a folder, where the runs' journal file goes; move it away")
         if must_exist and not path.is_file():
-            raise UserError(f"no storage at {path}: nothing has run there yet; check --results-dir or --storage")
+            raise NoStorage(f"no storage at {path}: nothing has run there yet; check --results-dir or --storage")
         if not url:  # the default place: the results folder is ours to create
             results_dir.mkdir(parents=True, exist_ok=True)
         if not path.parent.is_dir():
