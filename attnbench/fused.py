@@ -107,6 +107,7 @@ def library() -> ctypes.CDLL | None:
         lib.ie_norm_backward.argtypes = [p, p, i64, i64, i64, *[p] * 12]
         lib.fold_forward.argtypes = [p, p, p, p, i64, i64, i64, p, p, f64, p, p, f64, *[p] * 8]
         lib.fold_backward.argtypes = [*[p] * 10, i64, i64, *[p] * 10]
+        lib.fold_scale_grads.argtypes = [*[p] * 5, i64, i64, *[p] * 4]
     except (OSError, AttributeError) as exc:
         return _fall_back(f"cannot load {path} ({exc}); delete it to rebuild")
     return lib
@@ -517,6 +518,24 @@ def fold_forward(pools: dict[str, Tensor], pixels: int, weight: Tensor, bias: Te
                                invstd.data_ptr(), *(_ptr(of_y.get(p)) for p in POOLS)):
         raise MemoryError("fold_forward: out of memory for its sums")
     return a, b, batch_mean, invstd, [of_y[p] for p in wanted]
+
+
+def fold_scale_grads(d_scale: Tensor, d_shift: Tensor, a: Tensor, b: Tensor,
+                     scale: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """From the float64 sums per image and channel (n x c) of dz * x and of dz that the gate's
+    backward read gives, the gradients of a * scale and of b * scale, with a and b (c values)
+    from fold_forward and scale (n x c) the attention's: (the gradient of scale, d_scale * a +
+    d_shift * b, and of the attention's shift, d_shift, both (n x c); and of a and of b, c values
+    each), in float32."""
+    n, c = d_scale.shape[0], a.numel()
+    if any(t.dtype != torch.float64 or not t.is_contiguous() or t.numel() != n * c for t in (d_scale, d_shift)):
+        raise ValueError(f"fold_scale_grads takes contiguous float64 sums of {n} x {c} values")
+    a, b, scale = _per(a, [c]), _per(b, [c]), _per(scale, [n, c])
+    to_scale, to_shift, d_a, d_b = torch.empty(n, c), torch.empty(n, c), torch.empty(c), torch.empty(c)
+    if _library().fold_scale_grads(d_scale.data_ptr(), d_shift.data_ptr(), a.data_ptr(), b.data_ptr(), scale.data_ptr(),
+                                   n, c, to_scale.data_ptr(), to_shift.data_ptr(), d_a.data_ptr(), d_b.data_ptr()):
+        raise MemoryError("fold_scale_grads: out of memory for its sums")
+    return to_scale, to_shift, d_a, d_b
 
 
 def fold_backward(d_a: Tensor, d_b: Tensor, d_of_y: dict[str, Tensor], pools: dict[str, Tensor], weight: Tensor,

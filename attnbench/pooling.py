@@ -162,8 +162,8 @@ class _Graph:
 
 class _FoldedGraph:
     """_Graph of an attention after a folded batch norm (_AfterNorm). The norm's per-channel math
-    (fused.fold_forward and fold_backward) and the products a * scale, b * scale run outside
-    autograd, and only the module's attention is a graph. With the norm's math as an autograd
+    (fused.fold_forward, fold_scale_grads and fold_backward) and the products a * scale,
+    b * scale run outside autograd, and only the module's attention is a graph. With the norm's math as an autograd
     Function and the products in the graph, the fold and the attention took 60-90 us more per
     gate and step (of 0.6-1.3 ms; a ResNet-164 step has 54 gates), for the same results bit for
     bit. `outputs` is (a * scale, b * scale (+ the attention's shift))."""
@@ -184,10 +184,8 @@ class _FoldedGraph:
         self.outputs = self.a.view(1, -1, 1, 1) * self.scale, shift
 
     def differentiate(self, grads: Sequence[Tensor | None]) -> tuple[dict[str, Tensor | None], list[Tensor | None]]:
-        d_scale, d_shift = (g.float().view(self.shape) for g in grads)  # of a * scale and of the shift
-        to_scale = d_scale * self.a.view(1, -1, 1, 1) + d_shift * self.b.view(1, -1, 1, 1)
+        to_scale, d_shift, d_a, d_b = fused.fold_scale_grads(*grads, self.a, self.b, self.scale)
         by_y, param_grads = self.attention.differentiate((to_scale, d_shift))
-        d_a, d_b = (d_scale * self.scale).sum((0, 2, 3)), (d_shift * self.scale).sum((0, 2, 3))
         by_x, *d_norm = fused.fold_backward(d_a, d_b, {p: g for p, g in by_y.items() if g is not None},
                                             self.x_pools, self.weight, self.kept)
         for at, p in enumerate(self.attention.params):  # plus what the attention's own use of them gave

@@ -286,6 +286,29 @@ def test_the_folded_norm_in_c_is_its_formula(wanted) -> None:
 
 
 @needs_kernels
+def test_the_folded_gates_scale_gradients_are_their_formula() -> None:
+    """fused.fold_scale_grads against autograd in float64: the gate wrote x * (a * scale) + b * scale,
+    its backward read gives the sums of dz * x and of dz per image and channel, and from those
+    come the gradients of the attention's scale and shift and of a and b."""
+    n, c = 6, 5
+    g = torch.Generator().manual_seed(3)
+    d_scale, d_shift = (torch.randn(n, c, dtype=torch.float64, generator=g) * 40 for _ in range(2))
+    a, b = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    scale = torch.rand(n, c, generator=g)
+    to_scale, to_shift, d_a, d_b = fused.fold_scale_grads(d_scale, d_shift, a, b, scale)
+
+    leaves = [t.double().requires_grad_() for t in (scale, a, b)]
+    s, a_ref, b_ref = leaves
+    shift = torch.zeros(n, c, dtype=torch.float64, requires_grad=True)  # the attention's own shift, added after
+    want = torch.autograd.grad([a_ref * s, b_ref * s + shift], [s, shift, a_ref, b_ref], [d_scale, d_shift])
+    for got, ref in zip((to_scale, to_shift, d_a, d_b), want, strict=True):
+        assert got.dtype == torch.float32 and got.shape == ref.shape
+        assert torch.allclose(got.double(), ref, rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="float64 sums of 6 x 5"):
+        fused.fold_scale_grads(d_scale.float(), d_shift, a, b, scale)
+
+
+@needs_kernels
 @pytest.mark.parametrize("x_pools, of_y", [(("mean",), ["mean"]), (("mean", "var", "max"), ["mean"]),
                                            (("mean", "var"), ["max"]), (("mean", "var"), ["median"])], ids=str)
 def test_the_folded_norm_kernels_refuse_pools_they_would_misread(x_pools, of_y) -> None:
