@@ -17,7 +17,7 @@ import torch
 from tabulate import tabulate
 
 from attnbench import registry
-from attnbench.config import PRESETS, RunConfig, config_fields, preset
+from attnbench.config import PRESETS, RunConfig, config_fields, counted, preset
 from attnbench.data import DATASETS
 from attnbench.errors import UserError
 from attnbench.models import blocks_per_stage, build_model, count_params
@@ -80,8 +80,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(
-        prog="attnbench",
+    p = Parser(  # prog: the name it was run by, run_bench.py or attnbench, so that usage lines can be copied
         description="Train attention modules in one shared CIFAR ResNet with one recipe, store every run, "
                     "and write a leaderboard (results/leaderboard.md).",
         formatter_class=HelpFormatter,
@@ -304,7 +303,9 @@ def run(args: argparse.Namespace) -> int:
     attrs = {cfg.key(): run_attrs(cfg, splits[cfg], args.preset) for cfg in configs}
     store = RunStore(open_storage(args.storage, args.results_dir), args.study)
     counts = store.enqueue(configs, attrs)
-    print(f"{len(configs)} runs in the grid: " + ", ".join(f"{n} {what}" for what, n in counts.items()),
+    if not args.modules:  # after every check, so that bad input stays one line
+        print("no --modules given: the grid is the 'none' baseline alone (--list shows the modules)", file=sys.stderr)
+    print(f"{counted(len(configs), 'run')} in the grid: " + ", ".join(f"{n} {what}" for what, n in counts.items()),
           file=sys.stderr)
     checkpoint_dir = args.checkpoint_dir or args.results_dir / "checkpoints"
     settings = WorkerSettings(

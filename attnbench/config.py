@@ -33,7 +33,8 @@ class RunConfig:
         default=(81, 122), metadata={"help": "0-indexed epochs where lr is multiplied by gamma, comma-separated"})
     gamma: float = field(default=0.1, metadata={"help": "lr decay factor at each milestone"})
     train_size: int = field(default=0, metadata={"help": "use only the first N training images (0 = all)"})
-    val_split: int = field(default=0, metadata={"help": "hold out N training images as the evaluation set (for tuning)"})
+    val_split: int = field(default=0, metadata={"help": "hold out N training images as the evaluation set (0 = none; "
+                                                        "--tune holds out a tenth unless given)"})
     amp: str = field(default="", metadata={"help": "mixed precision on CUDA: bf16 or fp16 (empty = off)"})
     options: tuple[tuple[str, Any], ...] = field(default=(), metadata={"help": "module options, e.g. spe.p0=1.0"})
     variant: str = field(default="", metadata={"help": "name for the options in tables, e.g. 'tuned'"})
@@ -54,8 +55,9 @@ class RunConfig:
     @property
     def recipe_text(self) -> str:
         """One line naming the recipe, for table headings."""
-        text = (f"{self.arch}-{self.depth} ({self.block}), {self.epochs} epochs, batch {self.batch_size}, "
-                f"lr {self.lr:g} x{self.gamma:g} at {list(self.milestones)}, wd {self.weight_decay:g}")
+        schedule = f"x{self.gamma:g} at {list(self.milestones)}" if self.milestones else "constant"
+        text = (f"{self.arch}-{self.depth} ({self.block}), {counted(self.epochs, 'epoch')}, batch {self.batch_size}, "
+                f"lr {self.lr:g} {schedule}, wd {self.weight_decay:g}")
         if self.train_size:
             text += f", first {self.train_size} train images"
         if self.val_split:
@@ -83,6 +85,11 @@ class RunConfig:
         """Id of everything but module, options and seed: runs sharing it belong in one table."""
         recipe = {k: v for k, v in asdict(self).items() if k not in ("module", "options", "variant", "seed")}
         return _digest(recipe)
+
+
+def counted(n: int, noun: str) -> str:
+    """'1 epoch', '2 epochs': for the lines people read."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _digest(values: dict[str, Any]) -> str:

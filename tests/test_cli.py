@@ -49,7 +49,7 @@ def test_grid_writes_leaderboard_and_skips_completed_runs(tmp_path, results, cap
     out, err = capsys.readouterr()
     board = (results / "leaderboard.md").read_text()
     assert out.strip().endswith(board.strip().splitlines()[-1])
-    assert "## synthetic: resnet-8 (basic), 1 epochs" in board
+    assert "## synthetic: resnet-8 (basic), 1 epoch, batch 128, lr 0.05 constant" in board
     runs = pd.read_csv(results / "runs.csv")
     assert sorted(zip(runs["module"], runs["seed"])) == [("none", 0), ("none", 1), ("se", 0), ("se", 1)]
     assert set(runs["state"]) == {"COMPLETE"}
@@ -206,6 +206,13 @@ def test_default_results_folder_is_created(tmp_path, capsys):
     fresh = tmp_path / "elsewhere" / "results"
     assert main([*TINY, "--no-baseline", "--modules", "none", "--results-dir", str(fresh)]) == 0
     assert {p.name for p in fresh.iterdir()} >= {"runs.journal", "leaderboard.md", "runs.csv", "checkpoints"}
+
+
+def test_no_modules_says_the_grid_is_the_baseline_alone(tmp_path, results, capsys):
+    assert run_cli(tmp_path) == 0
+    err = capsys.readouterr().err
+    assert "no --modules given: the grid is the 'none' baseline alone" in err
+    assert "1 run in the grid:" in err
 
 
 def test_option_values_take_the_type_of_the_default():

@@ -32,6 +32,16 @@ def test_lr_schedule_is_the_papers():
     assert [lr_at(cfg, e) for e in (0, 80, 81, 121, 122, 163)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
 
 
+def test_recipe_line_reads_as_english():
+    """The recipe heads tables and tuning lines: a count agrees with its noun, and a recipe
+    without milestones says its learning rate is constant rather than decayed 'at []'."""
+    paper = preset("paper")
+    assert "164 epochs" in paper.recipe_text and "lr 0.1 x0.1 at [81, 122]" in paper.recipe_text
+    one = replace(preset("quick"), epochs=1, milestones=())
+    assert "1 epoch," in one.recipe_text and "lr 0.05 constant," in one.recipe_text
+    assert "[]" not in one.recipe_text
+
+
 def test_same_seed_gives_bit_identical_weights(tiny, tmp_path):
     cfg, splits = tiny
     train(cfg, splits, CPU, tmp_path / "a.pt")
