@@ -136,8 +136,8 @@ static void column_sums_flush(struct column_sums *c) {
 
 /* The next len values (whole rows, at most span): x into the sums of x (if plain) and of x * y
    (if y), or with squares, of x - x0 and its square. With out (a ReLU's output), x is first
-   masked where out <= 0 and written to masked, in the loop that sums it, as with both sums: in
-   loops of their own, the gates' backward read took 5-10% longer. */
+   masked where out <= 0 and written to masked, in the loop that sums it, and both sums are taken
+   in one loop: in loops of their own, the gates' backward read took about 5% longer. */
 static inline void column_sums_add(struct column_sums *c, const float *x, const float *y, const float *out,
                                    float *masked, int plain, int64_t len) {
     float *la = c->lane_a, *lab = c->lane_ab;
@@ -147,7 +147,12 @@ static inline void column_sums_add(struct column_sums *c, const float *x, const 
         for (int64_t j = 0; j < len; j++) { float d = x[j] - x0[j]; la[j] += d; lab[j] += d * d; }
     } else if (out && y) {
         #pragma omp simd
-        for (int64_t j = 0; j < len; j++) { float g = relu_grad(x[j], out[j]); masked[j] = g; la[j] += g; lab[j] += g * y[j]; }
+        for (int64_t j = 0; j < len; j++) {
+            float g = relu_grad(x[j], out[j]);
+            masked[j] = g;
+            la[j] += g;
+            lab[j] += g * y[j];
+        }
     } else if (out) {
         #pragma omp simd
         for (int64_t j = 0; j < len; j++) { float g = relu_grad(x[j], out[j]); masked[j] = g; la[j] += g; }
@@ -424,11 +429,6 @@ int extremes(const float *a, int64_t n, int64_t m, int64_t k, int over_last, flo
     return failed ? OUT_OF_MEMORY : 0;
 }
 
-/* A pooling's mean and population variance per row, in float, from the double sums of `count`
-   values (total) and of their squares (squares; NULL for the mean alone) that sums() and
-   extremes() give: E[x^2] - E[x]^2 in double, never below 0 (a NaN stays one). Done as seven
-   small float64 tensor ops (divide, convert, square, subtract, clamp, convert), it cost a gate's
-   training step 35-70 us more at (128, 64) and (128, 256) pools. */
 /* x / n, given inv = 1 / n, as a product corrected by one fused multiply-add: a division per
    value made moments() take 100 us at (128, 256) on a CPU that divides doubles slowly. */
 static inline double quotient(double x, double n, double inv) {
@@ -436,6 +436,11 @@ static inline double quotient(double x, double n, double inv) {
     return fma(fma(-q, n, x), inv, q);
 }
 
+/* A pooling's mean and population variance per row, in float, from the double sums of `count`
+   values (total) and of their squares (squares; NULL for the mean alone) that sums() and
+   extremes() give: E[x^2] - E[x]^2 in double, never below 0 (a NaN stays one). Done as seven
+   small float64 tensor ops (divide, convert, square, subtract, clamp, convert), it cost a gate's
+   training step 35-70 us more at (128, 64) and (128, 256) pools. */
 void moments(const double *restrict total, const double *restrict squares, int64_t len, int64_t count,
              float *restrict mean, float *restrict var) {
     double n = (double)count, inv = 1.0 / n;
@@ -556,7 +561,7 @@ int scale_rows(const float *a, int64_t n, int64_t m, int64_t k, int over_last, c
                 if (z) {
                     #pragma omp simd
                     for (int64_t j = 0; j < len; j++) y[j] = x[j] * s[j] + z[j] * u[j] + t[j];
-                } else if (r) {  /* the residual in this loop: in add_residual's own, the pass took 6-9% longer */
+                } else if (r) {  /* the residual in this loop: in add_residual's own, the pass took 4-12% longer */
                     #pragma omp simd
                     for (int64_t j = 0; j < len; j++) y[j] = affine(x[j], s[j], t[j]) + r[j];
                     r = NULL;
