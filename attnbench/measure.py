@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -176,27 +177,59 @@ def count_macs(model: nn.Module, convention: str, input_size: int = 32) -> int:
     return _macs_by_convention(model, input_size)[convention]
 
 
-def _reset_peak_memory(device: torch.device) -> str:
-    """Start a fresh peak; returns what the peak read afterwards will mean.
-
-    CUDA: the allocator's peak (tensors only). CPU: the kernel's resident-set high-water mark,
-    reset through Linux's clear_refs; getrusage's maxrss cannot be reset, so it would report the
-    largest thing the process ever did rather than this measurement.
-    """
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return "cuda_max_allocated"
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Kineto, under torch's profiler, writes lines straight to file descriptor 2 when a profile
+    starts and stops (and an error when it finds no GPU), whatever its log level."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return "cpu_peak_rss_since_process_start"
-    return "cpu_peak_rss"
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
-def _peak_memory(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
+def _walk(events: list) -> Iterator[Any]:
+    for event in events:
+        yield event
+        yield from _walk(event.children)
+
+
+def allocation_peak(run: Callable[[], Any]) -> int:
+    """The most bytes that CPU tensors allocated by `run()` held at any one time, net of those it
+    freed again, as torch's profiler saw each allocation and free in order.
+
+    Why the profiler: on the CPU torch keeps no allocator statistics (CUDA's max_memory_allocated
+    has no CPU twin), and the process's resident set cannot tell one model from another once the
+    heap keeps freed memory (attnbench.train.keep_freed_memory). The profiler does not see frees
+    of tensors made before `run()`, so what `run()` frees of those still counts as held; torch
+    warns of that on stderr, which is silenced while `run()` runs, so call this on code that has
+    run before and shown its own warnings then.
+    """
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr(), profiler:
+        run()
+    allocation = torch._C._profiler._EventType.Allocation
+    events = [e for e in _walk(profiler.profiler.kineto_results.experimental_event_tree())
+              if e.tag == allocation and e.extra_fields.device.type == "cpu"]
+    held = peak = 0
+    for event in sorted(events, key=lambda e: e.start_time_ns):
+        held += event.extra_fields.alloc_size  # negative for a free
+        peak = max(peak, held)
+    return peak
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the storages behind `tensors`, each storage once (views share one)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def _process_peak_rss() -> int | None:
+    """The process's resident-set high-water mark (Linux), every model copy included."""
     try:
         with open("/proc/self/status") as f:
             found = re.search(r"VmHWM:\s+(\d+) kB", f.read())
@@ -240,8 +273,6 @@ class _Timer:
             classes = self.model(self.x[:1]).shape[1]
         self.y = torch.randint(0, classes, (batch_size,), generator=gen).to(device)
         self.model.train(mode == "train")
-        self.peak_memory: int | None = None
-        self.peak_memory_kind = "unavailable"
 
     def _train_step(self) -> None:
         self.stepper.run(((self.x, self.y),))
@@ -258,16 +289,34 @@ class _Timer:
         """Seconds for `steps` steps, with queued GPU work finished at both ends."""
         step = self._train_step if self.mode == "train" else self._inference_step
         self._sync()
-        kind = _reset_peak_memory(self.device)
         start = time.perf_counter()
         for _ in range(steps):
             step()
         self._sync()
-        seconds = time.perf_counter() - start
-        peak = _peak_memory(self.device)
-        if peak is not None:
-            self.peak_memory, self.peak_memory_kind = max(self.peak_memory or 0, peak), kind
-        return seconds
+        return time.perf_counter() - start
+
+    def peak_memory(self) -> int:
+        """Peak bytes of this model's tensors over one more train step: its weights, gradients,
+        optimiser state and batch, plus the most that the step's own allocations held at once.
+
+        Only this copy counts, not the other modules' copies living in the same process, so the
+        rows of a table compare like for like, on the GPU (from the allocator's statistics) and
+        on the CPU (allocation_peak) alike. Run it after warm-up, when the gradients and momentum
+        exist; on the CPU the step's free of the last step's gradients goes unseen, so the count
+        can be high by at most their size if the peak comes after it.
+        """
+        state = [*self.model.parameters(), *self.model.buffers(), self.x, self.y,
+                 *(p.grad for p in self.model.parameters() if p.grad is not None),
+                 *(t for s in self.stepper.optimizer.state.values() for t in s.values() if torch.is_tensor(t))]
+        held = tensor_bytes(t for t in state if t.device == self.device)
+        if self.device.type != "cuda":
+            return held + allocation_peak(self._train_step)
+        self._sync()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self._train_step()
+        self._sync()
+        return held + torch.cuda.max_memory_allocated(self.device) - before
 
 
 def _time_interleaved(timers: Mapping[str, _Timer], *, warmup: int, repeats: int, steps: int,
@@ -299,14 +348,13 @@ def _summary(timer: _Timer, seconds: list[float], steps: int) -> dict[str, Any]:
         "images_per_s_q1": float(q1),
         "images_per_s_q3": float(q3),
         "step_s": float(np.median(seconds)) / steps,
-        "peak_memory_bytes": timer.peak_memory,
-        "peak_memory_kind": timer.peak_memory_kind,
     }
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": str(device), "device_name": name, "threads": torch.get_num_threads()}
+    return {"device": str(device), "device_name": name, "threads": torch.get_num_threads(),
+            "process_peak_rss_bytes": _process_peak_rss()}
 
 
 def measure_throughput(
@@ -326,9 +374,8 @@ def measure_throughput(
 
     A train step is forward + cross-entropy (+ the model's extra_loss()) + backward + SGD
     (momentum 0.9, weight decay 1e-4), the papers' recipe, so optimiser cost is included.
-    Peak memory is the CUDA allocator's peak on GPU; on CPU it is the process's peak resident
-    set during the blocks (warm-up included). That includes the interpreter, the libraries and
-    memory the allocator kept, so it is an upper bound, comparable between modules only roughly.
+    In train mode `peak_memory_bytes` is the peak of the model's own tensors over one more
+    step (_Timer.peak_memory); `process_peak_rss_bytes` is the whole process's high-water mark.
     """
     device = resolve_device(str(device))
     timer = _Timer(model, batch_size=batch_size, mode=mode, device=device,
@@ -338,6 +385,7 @@ def measure_throughput(
         "mode": mode,
         "batch_size": batch_size,
         **_summary(timer, seconds, steps_per_block),
+        "peak_memory_bytes": timer.peak_memory() if mode == "train" else None,
         **_environment(device),
         "channels_last": channels_last,
         "amp": amp,
@@ -375,7 +423,8 @@ def cost_table(
     round's ratio varied by about +-10% on a shared 2-core CPU) shows in the quartiles, which say
     how close to a target one run can tell a module to be. `options` maps a module
     name to its constructor options; `progress` shows a bar while timing (None: only on an
-    interactive terminal). Environment (threads, device, memory meaning) is in ``df.attrs``.
+    interactive terminal). The environment (threads, device, the process's peak resident set) is in
+    ``df.attrs``.
     """
     dev = resolve_device(str(device))  # before minutes of MAC counting, not after
     names = list(dict.fromkeys(["none", *(registry.get(m).name for m in modules)]))
@@ -404,8 +453,7 @@ def cost_table(
             ratios = {n: np.asarray(seconds[n]) / baseline for n in names}  # one per round
             for suffix, q in (("", 50), ("_q1", 25), ("_q3", 75)):
                 table["train_step_rel_none" + suffix] = [float(np.percentile(ratios[n], q)) for n in names]
-            table["train_peak_memory_bytes"] = [summaries[n]["peak_memory_bytes"] for n in names]
-            table.attrs["peak_memory_kind"] = summaries["none"]["peak_memory_kind"]
+            table["train_peak_memory_bytes"] = [timers[n].peak_memory() for n in names]
         del timers  # free one mode's model copies before building the next
     table.attrs.update(_environment(dev), batch_size=batch_size, channels_last=channels_last, amp=amp,
                        repeats=repeats, steps_per_block=steps_per_block)
@@ -435,6 +483,11 @@ def cost_markdown(table: pd.DataFrame, title: str) -> str:
         a = table.attrs
         notes.append(f"Throughput: {a.get('device')} ({a.get('device_name', '')}), {a.get('threads')} threads, "
                      f"batch {a.get('batch_size')}, channels_last={a.get('channels_last')}, amp={a.get('amp')}, "
-                     f"median of {a.get('repeats')} interleaved blocks; memory: {a.get('peak_memory_kind')}.")
+                     f"median of {a.get('repeats')} interleaved blocks.")
+        rss = a.get("process_peak_rss_bytes")
+        notes.append("Train peak memory: each model's own tensors over one train step (weights, gradients, "
+                     "momentum, batch and all the step allocates; the CUDA allocator's statistics on a GPU, torch's "
+                     "profiler on the CPU)" + ("." if rss is None else
+                                               f"; the whole process peaked at {rss / 2**20:,.0f} MB resident."))
     return "\n".join([f"# Cost of each module: {title}", "", out.to_markdown(index=False, disable_numparse=True), "",
                       *notes, ""])

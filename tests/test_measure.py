@@ -236,8 +236,63 @@ def test_throughput_reports_median_and_quartiles(mode: str) -> None:
     result = measure_throughput(model, batch_size=8, mode=mode, warmup=1, repeats=4)
     assert 0 < result["images_per_s_q1"] <= result["images_per_s"] <= result["images_per_s_q3"]
     assert result["threads"] == torch.get_num_threads() and result["device"] == "cpu"
-    assert result["peak_memory_bytes"] > 0 and result["peak_memory_kind"].startswith("cpu_peak_rss")
+    assert result["process_peak_rss_bytes"] > 0
+    if mode == "train":  # at least the weights, their gradients and SGD's momentum, in float32
+        assert result["peak_memory_bytes"] > 3 * 4 * sum(p.numel() for p in model.parameters())
+    else:
+        assert result["peak_memory_bytes"] is None
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # timed a copy
+
+
+def test_allocation_peak_follows_allocations_and_frees_in_order() -> None:
+    older = [torch.empty(10_000)]  # made before: its free is not seen, so it is not subtracted
+    kept = []
+
+    def run() -> None:
+        a = torch.empty(1000)  # 4,000 bytes
+        b = torch.empty(2000)  # 12,000 held
+        del a  # 8,000
+        c = torch.empty(500, dtype=torch.float64)  # 12,000 again
+        del b, c  # 0
+        older.clear()
+        kept.append(torch.empty(250))  # 1,000, still held at the end
+
+    assert measure.allocation_peak(run) == 12_000
+    # the column's copy (12 bytes) is made while the whole (12,000) is still held
+    assert measure.allocation_peak(lambda: torch.empty(3, 1000)[:, 0].contiguous()) == 12_012
+
+
+def test_tensor_bytes_counts_a_shared_storage_once() -> None:
+    x = torch.empty(10, 100)
+    assert measure.tensor_bytes([x, x[2:], x.t(), torch.empty(7, dtype=torch.int64)]) == 4000 + 56
+
+
+def _train_peak(module: str, batch_size: int) -> tuple[int, int]:
+    """The train-step peak of a ResNet-11 with `module` (after one warm-up step) and the bytes of
+    its weights, gradients, momentum and batch, counted here from the sizes alone."""
+    timer = measure._Timer(build_model(module, 11, CLASSES), batch_size=batch_size, mode="train",
+                           device=torch.device("cpu"), channels_last=True, amp=None, input_size=32)
+    timer.block(1)
+    params = sum(p.numel() for p in timer.model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in timer.model.buffers())
+    state = 3 * 4 * params + buffers + batch_size * 3 * 32 * 32 * 4 + batch_size * 8
+    return timer.peak_memory(), state
+
+
+@pytest.mark.parametrize("module", ["none", "spe"])
+def test_train_peak_memory_is_the_models_own_and_scales_with_the_batch(module: str) -> None:
+    """Unlike the process's resident set, the peak belongs to one model: memory held elsewhere in
+    the process does not move it, and what the step itself allocates (activations, saved tensors,
+    the gates' buffers) doubles with the batch."""
+    peak, state = _train_peak(module, 8)
+    ballast = torch.ones(5_000_000)  # 20 MB held elsewhere
+    again, _ = _train_peak(module, 8)
+    del ballast
+    assert again == peak
+    doubled, state_doubled = _train_peak(module, 16)
+    step, step_doubled = peak - state, doubled - state_doubled
+    assert step > 0.5 * peak  # activations dominate a training step's memory even at batch 8
+    assert step_doubled / step == pytest.approx(2.0, rel=0.02)
 
 
 def test_throughput_rejects_bad_settings() -> None:
