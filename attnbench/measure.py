@@ -180,45 +180,76 @@ def count_macs(model: nn.Module, convention: str, input_size: int = 32) -> int:
 @contextmanager
 def _quiet_stderr() -> Iterator[None]:
     """Kineto, under torch's profiler, writes lines straight to file descriptor 2 when a profile
-    starts and stops (and an error when it finds no GPU), whatever its log level."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
+    starts and stops (and an error when it finds no GPU), whatever its log level. Without a
+    usable fd 2 (a closed or replaced stderr) there is nothing to silence."""
     try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
         yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
 
 
-def _walk(events: list) -> Iterator[Any]:
+def _walk(events: list[Any]) -> Iterator[Any]:
+    """Every event of the profiler's tree; an allocation sits under the op that made it."""
     for event in events:
         yield event
         yield from _walk(event.children)
 
 
-def allocation_peak(run: Callable[[], Any]) -> int:
-    """The most bytes that CPU tensors allocated by `run()` held at any one time, net of those it
-    freed again, as torch's profiler saw each allocation and free in order.
+_MEASURED = "attnbench.allocation_peak"
+
+
+def allocation_peak(run: Callable[[], Any], before: Callable[[], Any] = lambda: None) -> int:
+    """The most bytes that CPU tensors held while `run()` ran, above what they held when it began,
+    as torch's profiler saw each allocation and free in order.
 
     Why the profiler: on the CPU torch keeps no allocator statistics (CUDA's max_memory_allocated
     has no CPU twin), and the process's resident set cannot tell one model from another once the
-    heap keeps freed memory (attnbench.train.keep_freed_memory). The profiler does not see frees
-    of tensors made before `run()`, so what `run()` frees of those still counts as held; torch
-    warns of that on stderr, which is silenced while `run()` runs, so call this on code that has
-    run before and shown its own warnings then.
+    heap keeps freed memory (attnbench.train.keep_freed_memory). A free counts only where the
+    profile saw the allocation: the profiler misses frees of blocks made before it started, or
+    reports them with sizes left from an earlier profile. `before()` runs first in the same
+    profile, so that what `run()` frees of what `before()` made (a train step's free of the last
+    step's gradients) is seen. It reads torch's private event tree (torch._C._profiler), as
+    torch 2.14 has it.
     """
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
-    with _quiet_stderr(), profiler:
-        run()
+    with _quiet_stderr():
+        profiler.start()
+    try:
+        before()
+        with torch.profiler.record_function(_MEASURED):
+            run()
+    finally:
+        with _quiet_stderr():
+            profiler.stop()
+    events = list(_walk(profiler.profiler.kineto_results.experimental_event_tree()))
+    measured = next(e for e in events if e.name == _MEASURED)
     allocation = torch._C._profiler._EventType.Allocation
-    events = [e for e in _walk(profiler.profiler.kineto_results.experimental_event_tree())
-              if e.tag == allocation and e.extra_fields.device.type == "cpu"]
+    live: dict[int, int] = {}
     held = peak = 0
-    for event in sorted(events, key=lambda e: e.start_time_ns):
-        held += event.extra_fields.alloc_size  # negative for a free
-        peak = max(peak, held)
+    at_start = None
+    for event in sorted((e for e in events if e.tag == allocation and e.extra_fields.device.type == "cpu"),
+                        key=lambda e: e.start_time_ns):
+        if event.start_time_ns > measured.end_time_ns:
+            break
+        if at_start is None and event.start_time_ns >= measured.start_time_ns:
+            at_start = held
+        fields = event.extra_fields
+        if fields.alloc_size > 0:
+            live[fields.ptr] = fields.alloc_size
+            held += fields.alloc_size
+        else:
+            held -= live.pop(fields.ptr, 0)
+        if at_start is not None:
+            peak = max(peak, held - at_start)
     return peak
 
 
@@ -296,27 +327,36 @@ class _Timer:
         return time.perf_counter() - start
 
     def peak_memory(self) -> int:
-        """Peak bytes of this model's tensors over one more train step: its weights, gradients,
+        """Peak bytes of this model's tensors over a train step: its weights, gradients,
         optimiser state and batch, plus the most that the step's own allocations held at once.
 
         Only this copy counts, not the other modules' copies living in the same process, so the
         rows of a table compare like for like, on the GPU (from the allocator's statistics) and
-        on the CPU (allocation_peak) alike. Run it after warm-up, when the gradients and momentum
-        exist; on the CPU the step's free of the last step's gradients goes unseen, so the count
-        can be high by at most their size if the peak comes after it.
+        on the CPU (allocation_peak) alike. On the CPU the gradients are dropped first, so that
+        a first profiled step makes them and the second, the one measured, frees them in sight;
+        what lives between steps is then the same before and after it.
         """
-        state = [*self.model.parameters(), *self.model.buffers(), self.x, self.y,
-                 *(p.grad for p in self.model.parameters() if p.grad is not None),
-                 *(t for s in self.stepper.optimizer.state.values() for t in s.values() if torch.is_tensor(t))]
-        held = tensor_bytes(t for t in state if t.device == self.device)
+        if self.mode != "train":
+            raise ValueError("peak_memory() runs a train step; this timer times inference")
         if self.device.type != "cuda":
-            return held + allocation_peak(self._train_step)
+            self.stepper.optimizer.zero_grad(set_to_none=True)
+            step_peak = allocation_peak(self._train_step, before=self._train_step)
+            return self._state_bytes() + step_peak
+        held = self._state_bytes()
         self._sync()
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
         self._train_step()
         self._sync()
         return held + torch.cuda.max_memory_allocated(self.device) - before
+
+    def _state_bytes(self) -> int:
+        """What lives between train steps: weights, buffers, gradients, optimiser state, batch."""
+        params = list(self.model.parameters())
+        return tensor_bytes([*params, *self.model.buffers(), self.x, self.y,
+                             *(p.grad for p in params if p.grad is not None),
+                             *(t for s in self.stepper.optimizer.state.values() for t in s.values()
+                               if torch.is_tensor(t))])
 
 
 def _time_interleaved(timers: Mapping[str, _Timer], *, warmup: int, repeats: int, steps: int,
@@ -479,15 +519,15 @@ def cost_markdown(table: pd.DataFrame, title: str) -> str:
         out["train img/s [IQR]"] = iqr("train_images_per_s", "{:.0f}".format)
         out["inference img/s [IQR]"] = iqr("infer_images_per_s", "{:.0f}".format)
         out["train step vs none [IQR]"] = iqr("train_step_rel_none", "{:.2f}x".format)
-        out["train peak memory (MB)"] = (table["train_peak_memory_bytes"] / 2**20).map("{:.0f}".format)
+        out["train peak memory (MiB)"] = (table["train_peak_memory_bytes"] / 2**20).map("{:.0f}".format)
         a = table.attrs
         notes.append(f"Throughput: {a.get('device')} ({a.get('device_name', '')}), {a.get('threads')} threads, "
                      f"batch {a.get('batch_size')}, channels_last={a.get('channels_last')}, amp={a.get('amp')}, "
                      f"median of {a.get('repeats')} interleaved blocks.")
         rss = a.get("process_peak_rss_bytes")
-        notes.append("Train peak memory: each model's own tensors over one train step (weights, gradients, "
+        notes.append("Train peak memory: each model's own torch tensors over a train step (weights, gradients, "
                      "momentum, batch and all the step allocates; the CUDA allocator's statistics on a GPU, torch's "
                      "profiler on the CPU)" + ("." if rss is None else
-                                               f"; the whole process peaked at {rss / 2**20:,.0f} MB resident."))
+                                               f"; the whole process peaked at {rss / 2**20:,.0f} MiB resident."))
     return "\n".join([f"# Cost of each module: {title}", "", out.to_markdown(index=False, disable_numparse=True), "",
                       *notes, ""])

@@ -245,16 +245,16 @@ def test_throughput_reports_median_and_quartiles(mode: str) -> None:
 
 
 def test_allocation_peak_follows_allocations_and_frees_in_order() -> None:
-    older = [torch.empty(10_000)]  # made before: its free is not seen, so it is not subtracted
+    older = [torch.empty(10_000)]  # made before the profile: its free is not subtracted
     kept = []
 
     def run() -> None:
+        older.clear()
         a = torch.empty(1000)  # 4,000 bytes
         b = torch.empty(2000)  # 12,000 held
         del a  # 8,000
         c = torch.empty(500, dtype=torch.float64)  # 12,000 again
         del b, c  # 0
-        older.clear()
         kept.append(torch.empty(250))  # 1,000, still held at the end
 
     assert measure.allocation_peak(run) == 12_000
@@ -262,17 +262,29 @@ def test_allocation_peak_follows_allocations_and_frees_in_order() -> None:
     assert measure.allocation_peak(lambda: torch.empty(3, 1000)[:, 0].contiguous()) == 12_012
 
 
+def test_allocation_peak_sees_run_free_what_before_made() -> None:
+    """Measured from where run() starts: it frees before()'s 4,000 bytes, then holds 12,000."""
+    made: list[torch.Tensor] = []
+
+    def run() -> None:
+        made.clear()
+        made.append(torch.empty(3000))
+
+    assert measure.allocation_peak(run, before=lambda: made.append(torch.empty(1000))) == 8_000
+
+
 def test_tensor_bytes_counts_a_shared_storage_once() -> None:
     x = torch.empty(10, 100)
     assert measure.tensor_bytes([x, x[2:], x.t(), torch.empty(7, dtype=torch.int64)]) == 4000 + 56
 
 
-def _train_peak(module: str, batch_size: int) -> tuple[int, int]:
-    """The train-step peak of a ResNet-11 with `module` (after one warm-up step) and the bytes of
-    its weights, gradients, momentum and batch, counted here from the sizes alone."""
+def _train_peak(module: str, batch_size: int, warm: bool = True) -> tuple[int, int]:
+    """The train-step peak of a ResNet-11 with `module` (after one warm-up step, if `warm`) and
+    the bytes of its weights, gradients, momentum and batch, counted here from the sizes alone."""
     timer = measure._Timer(build_model(module, 11, CLASSES), batch_size=batch_size, mode="train",
                            device=torch.device("cpu"), channels_last=True, amp=None, input_size=32)
-    timer.block(1)
+    if warm:
+        timer.block(1)
     params = sum(p.numel() for p in timer.model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in timer.model.buffers())
     state = 3 * 4 * params + buffers + batch_size * 3 * 32 * 32 * 4 + batch_size * 8
@@ -293,6 +305,17 @@ def test_train_peak_memory_is_the_models_own_and_scales_with_the_batch(module: s
     step, step_doubled = peak - state, doubled - state_doubled
     assert step > 0.5 * peak  # activations dominate a training step's memory even at batch 8
     assert step_doubled / step == pytest.approx(2.0, rel=0.02)
+
+
+def test_train_peak_memory_counts_the_last_steps_gradients_once() -> None:
+    """A step frees the last step's gradients and makes new ones: whether a step ran before (the
+    gradients exist) or not, the peak is the same, neither short of the old ones nor counting them
+    after their free."""
+    assert _train_peak("spe", 8, warm=False) == _train_peak("spe", 8, warm=True)
+    timer = measure._Timer(build_model("none", 11, CLASSES), batch_size=2, mode="inference",
+                           device=torch.device("cpu"), channels_last=True, amp=None, input_size=32)
+    with pytest.raises(ValueError, match="inference"):
+        timer.peak_memory()
 
 
 def test_throughput_rejects_bad_settings() -> None:
