@@ -233,23 +233,18 @@ def allocation_peak(run: Callable[[], Any], before: Callable[[], Any] = lambda: 
     events = list(_walk(profiler.profiler.kineto_results.experimental_event_tree()))
     measured = next(e for e in events if e.name == _MEASURED)
     allocation = torch._C._profiler._EventType.Allocation
-    live: dict[int, int] = {}
-    held = peak = 0
-    at_start = None
+    live: dict[int, int] = {}  # address -> size of each block allocated under this profile
+    held = peak = 0  # relative to where run() began
     for event in sorted((e for e in events if e.tag == allocation and e.extra_fields.device.type == "cpu"),
                         key=lambda e: e.start_time_ns):
-        if event.start_time_ns > measured.end_time_ns:
-            break
-        if at_start is None and event.start_time_ns >= measured.start_time_ns:
-            at_start = held
         fields = event.extra_fields
         if fields.alloc_size > 0:
-            live[fields.ptr] = fields.alloc_size
-            held += fields.alloc_size
+            live[fields.ptr] = change = fields.alloc_size
         else:
-            held -= live.pop(fields.ptr, 0)
-        if at_start is not None:
-            peak = max(peak, held - at_start)
+            change = -live.pop(fields.ptr, 0)
+        if measured.start_time_ns <= event.start_time_ns <= measured.end_time_ns:
+            held += change
+            peak = max(peak, held)
     return peak
 
 

@@ -278,11 +278,15 @@ def test_tensor_bytes_counts_a_shared_storage_once() -> None:
     assert measure.tensor_bytes([x, x[2:], x.t(), torch.empty(7, dtype=torch.int64)]) == 4000 + 56
 
 
+def _cpu_timer(module: str, batch_size: int, mode: str = "train") -> measure._Timer:
+    return measure._Timer(build_model(module, 11, CLASSES), batch_size=batch_size, mode=mode,
+                          device=torch.device("cpu"), channels_last=True, amp=None, input_size=32)
+
+
 def _train_peak(module: str, batch_size: int, warm: bool = True) -> tuple[int, int]:
     """The train-step peak of a ResNet-11 with `module` (after one warm-up step, if `warm`) and
     the bytes of its weights, gradients, momentum and batch, counted here from the sizes alone."""
-    timer = measure._Timer(build_model(module, 11, CLASSES), batch_size=batch_size, mode="train",
-                           device=torch.device("cpu"), channels_last=True, amp=None, input_size=32)
+    timer = _cpu_timer(module, batch_size)
     if warm:
         timer.block(1)
     params = sum(p.numel() for p in timer.model.parameters())
@@ -312,10 +316,12 @@ def test_train_peak_memory_counts_the_last_steps_gradients_once() -> None:
     gradients exist) or not, the peak is the same, neither short of the old ones nor counting them
     after their free."""
     assert _train_peak("spe", 8, warm=False) == _train_peak("spe", 8, warm=True)
-    timer = measure._Timer(build_model("none", 11, CLASSES), batch_size=2, mode="inference",
-                           device=torch.device("cpu"), channels_last=True, amp=None, input_size=32)
+
+
+def test_train_peak_memory_refuses_an_inference_timer() -> None:
+    """It would run an SGD step and put the model back in train mode, under the inference timing."""
     with pytest.raises(ValueError, match="inference"):
-        timer.peak_memory()
+        _cpu_timer("none", 2, mode="inference").peak_memory()
 
 
 def test_throughput_rejects_bad_settings() -> None:
