@@ -24,7 +24,7 @@ from attnbench.models import blocks_per_stage, build_model, count_params
 from attnbench.models.resnet import LAYERS_PER_BLOCK
 
 if TYPE_CHECKING:  # imported where used, so that --help and --list need no optuna import
-    from attnbench.bench import SplitCache
+    from attnbench.grid import SplitCache
     from attnbench.train import Runtime
 
 
@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--checkpoint-dir", type=Path, default=None, help="default: RESULTS_DIR/checkpoints")
     where.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     where.add_argument("--compile", action="store_true",
-                       help="torch.compile the model (for CUDA; minutes of compiling per run and shape)")
+                       help="torch.compile each model as one graph (minutes of compiling per model and shape; "
+                            "with --measure-only, time compiled steps beside eager ones)")
     where.add_argument("--threads", type=int, default=0,
                        help="CPU threads per worker (default: the cores divided among the workers)")
     where.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory layout")
@@ -191,15 +192,25 @@ def check_recipe(cfg: RunConfig) -> None:
         raise UserError(f"unknown --arch '{cfg.arch}'; use resnet or preresnet")
 
 
-def check_builds(cfg: RunConfig) -> None:
-    """Build the run's model once, so that a bad option value is one line now, not a traceback later."""
+def check_builds(cfg: RunConfig, compile: bool) -> None:
+    """Build the run's model at the smallest depth, so that a bad option value is one line now, not
+    a traceback later; with `compile`, also trace its training step as one graph, so that a module
+    torch.compile cannot take whole is named now, with the op it stopped at."""
     try:
-        build_model(cfg.module, 2 + LAYERS_PER_BLOCK[cfg.block], 10, cfg.arch, cfg.block, cfg.module_options)
+        model = build_model(cfg.module, 2 + LAYERS_PER_BLOCK[cfg.block], 10, cfg.arch, cfg.block, cfg.module_options)
     except UserError:
         raise
     except Exception as exc:
         raise UserError(f"module '{cfg.label}' cannot be built with options {cfg.module_options}: "
                         f"{type(exc).__name__}: {exc}") from None
+    if compile:
+        torch.compiler.reset()
+        try:  # aot_eager traces forward and backward as the real compile does, without generating code
+            torch.compile(model, backend="aot_eager", fullgraph=True)(torch.zeros(2, 3, 32, 32)).sum().backward()
+        except Exception as exc:
+            reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise UserError(f"--compile: module '{cfg.label}' does not compile as one graph ({reason}); "
+                            "run it without --compile") from None
 
 
 def list_modules() -> str:
@@ -240,7 +251,7 @@ def plan(args: argparse.Namespace, tuned: Callable[[str, str], dict[str, Any]]) 
             chosen = {**(tuned(m, d) if m in tuned_modules else {}), **options.get(m, {})}
             cfg = replace(base, module=m, dataset=d, options=tuple(sorted(chosen.items())),
                           variant="tuned" if m in tuned_modules else "")
-            check_builds(cfg)
+            check_builds(cfg, args.compile)
             configs += [replace(cfg, seed=s) for s in seeds]
     return configs, datasets
 
@@ -261,7 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     # Imported here so that --help and --list need no optuna import.
     from attnbench import tune
-    from attnbench.bench import run_attrs, work, write_outputs
+    from attnbench.grid import work
+    from attnbench.leaderboard import write_outputs
     from attnbench.storage import NoStorage, RunStore, open_storage, storage_url
     from attnbench.workers import WorkerSettings, launch, require_slurm, submit_slurm
 
@@ -300,9 +312,10 @@ def run(args: argparse.Namespace) -> int:
         require_slurm()
     in_process = slots == [None] and not args.slurm
     rt, splits = runtime_and_data(args, configs[0].amp, in_process)
-    attrs = {cfg.key(): run_attrs(cfg, splits[cfg], args.preset) for cfg in configs}
+    for cfg in configs:
+        splits[cfg]  # each dataset checked (or loaded, to train here) before anything is written
     store = RunStore(open_storage(args.storage, args.results_dir), args.study)
-    counts = store.enqueue(configs, attrs)
+    counts = store.enqueue(configs, {"preset": args.preset})
     if not args.modules:  # after every check, so that bad input stays one line
         print("no --modules given: the grid is the 'none' baseline alone (--list shows the modules)", file=sys.stderr)
     print(f"{counted(len(configs), 'run')} in the grid: " + ", ".join(f"{n} {what}" for what, n in counts.items()),
@@ -336,8 +349,8 @@ def run(args: argparse.Namespace) -> int:
 
 def run_measure(args: argparse.Namespace) -> int:
     """Print and store the cost table: parameters, MACs in both conventions, speed, memory."""
+    from attnbench.costs import cost_markdown, cost_table
     from attnbench.files import write_text
-    from attnbench.measure import cost_markdown, cost_table
     from attnbench.train import resolve_device
 
     configs, datasets = plan(args, lambda m, d: {})
@@ -347,7 +360,7 @@ def run_measure(args: argparse.Namespace) -> int:
     table = cost_table(modules, depth=base.depth, block=base.block, arch=base.arch,
                        num_classes=100 if datasets[0] == "cifar100" else 10, batch_size=args.measure_batch,
                        device=device, throughput=args.measure_repeats > 0, channels_last=not args.no_channels_last,
-                       amp=base.amp or None, repeats=max(args.measure_repeats, 1),
+                       amp=base.amp or None, compile=args.compile, repeats=max(args.measure_repeats, 1),
                        options={c.module: c.module_options for c in configs}, progress=args.progress)
     markdown = cost_markdown(table, f"{base.arch}-{base.depth} ({base.block}), {datasets[0]}")
     write_text(args.results_dir / "costs.md", markdown)
@@ -396,7 +409,7 @@ def runtime_and_data(args: argparse.Namespace, amp: str, in_process: bool) -> tu
     """The Runtime the runs train with (its device CUDA with --gpus, checked against --amp), and
     the datasets: on that device where this process trains itself; else only checked, on the CPU,
     since workers in other processes load their own copy."""
-    from attnbench.bench import SplitCache
+    from attnbench.grid import SplitCache
     from attnbench.train import Runtime, check_amp, resolve_device
 
     device = resolve_device("cuda" if args.gpus else args.device)

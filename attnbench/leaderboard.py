@@ -9,11 +9,13 @@ differences between modules (REFERENCE.md section 6).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pandas as pd
 from scipy import stats
 
 from attnbench.config import preset
+from attnbench.files import write_text
 
 # Published best-epoch top-1 (%) for ResNet-164 with the paper recipe (REFERENCE.md section 4).
 PUBLISHED: dict[tuple[str, str], str] = {
@@ -95,3 +97,11 @@ def render(runs: pd.DataFrame) -> str:
         parts += [f"## {dataset}: {g['recipe_text'].iloc[0]}", "",
                   table(g, dataset, paper).to_markdown(index=False, disable_numparse=True), ""]
     return "\n".join(parts)
+
+
+def write_outputs(runs: pd.DataFrame, results_dir: Path) -> str:
+    """Write runs.csv and leaderboard.md from the store's runs; returns the leaderboard."""
+    markdown = render(runs)
+    write_text(results_dir / "runs.csv", runs.to_csv(index=False))
+    write_text(results_dir / "leaderboard.md", markdown)
+    return markdown

@@ -1,34 +1,23 @@
-"""Names every attention module and says how it plugs into a backbone.
+"""Names every attention module and says where in the backbone it goes.
 
-A module plugs in through up to three hooks, and the backbone calls all three for every
-block without knowing which module it is building:
+A module is a plain ``nn.Module`` class, registered once with the ``@register`` decorator:
 
-- ``norm``: a factory ``norm(channels)`` replacing the block's batch norms (IEBN);
-- ``stage``: a factory ``stage(channels)`` for state shared by all blocks of a stage (DIA);
-- ``gate``: a factory for the gate applied to the block output after its last norm, before
-  the residual add (SE, CBAM, SPE, ...). It is called as ``gate(channels)``, or as
-  ``gate(channels, shared)`` when the module also has a ``stage`` hook.
+- role ``"gate"`` (the default): built as ``cls(channels, **options)`` for every block and
+  applied to the block's output after its last norm, before the residual add; its
+  ``forward(x)`` returns a tensor of x's shape (SE, CBAM, SPE). With ``shared=Cls``, one
+  ``Cls(channels, **options)`` is built per stage and handed to each gate of that stage as
+  ``cls(channels, shared, **options)``: state shared by the blocks of a stage (DIANet's cell).
+- role ``"norm"``: replaces every batch norm of the stem and the blocks, built as
+  ``cls(channels, **options)`` (IEBN); the projection shortcut's norm stays a BatchNorm2d.
 
-A gate, or a norm, may take the block's residual add and the ReLU after it: if its forward
-accepts ``residual`` and ``relu`` keywords, it is called as ``forward(x, residual=shortcut,
-relu=...)`` where it ends a block (the shortcut is None where it is a norm with a ReLU after it
-inside a block) and returns ``out + shortcut``, through a ReLU when ``relu`` is true; see
-attnbench.residual. The gates built on attnbench.pooling pass both on, and the default norm
-(attnbench.norm.BatchNorm2d) and IEBN apply them in their own pass. Hooks and per-module counts
-then see the add and ReLU in it. A gate whose forward also takes ``before`` is handed the layer
-before it as ``forward(x, residual=..., relu=..., before=layer)`` with x that layer's input,
-and applies it first: the block's last norm in post-activation blocks, its last conv in
-pre-activation ones. gate() and channel_spatial_gate() fold the default norm into the gate's
-own passes when training on the CPU, so that norm's forward (and its hooks) do not run there.
+A module's options are the keyword-only constructor arguments with defaults (``--opt``), so
+tuning an initialisation needs no code in the harness. A module instance with an
+``extra_loss()`` method has it added to the training loss. The first line of the class's
+docstring is its description in listings.
 
-Every factory also receives the module's options (its constructor keywords, for example
-SPE's initial pooling weights), so tuning an initialisation needs no code in the harness.
-A module that wants a term added to the training loss gives its ``nn.Module`` an
-``extra_loss()`` method; the backbone collects those once.
-
-Modules come from three places: the files of ``attnbench.modules`` (the project's
-``modules/`` folder), the ``attnbench.modules`` entry-point group of installed packages, and
-files named with ``--plugin``.
+Modules come from three places: the files of ``attnbench.modules`` (the project's ``modules/``
+folder), the ``attnbench.modules`` entry-point group of installed packages, and files named
+with ``--plugin``.
 """
 
 from __future__ import annotations
@@ -38,7 +27,7 @@ import importlib.util
 import inspect
 import pkgutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable
@@ -46,9 +35,8 @@ from typing import Any, Callable
 from torch import nn
 
 from attnbench.errors import UserError
-from attnbench.norm import BatchNorm2d
 
-Factory = Callable[..., nn.Module]
+ROLES = ("gate", "norm")
 
 
 @dataclass(frozen=True)
@@ -68,28 +56,29 @@ Suggest = Callable[[Any], dict[str, Any]]
 @dataclass(frozen=True)
 class ModuleSpec:
     name: str
+    cls: type[nn.Module]
+    role: str
     description: str
-    gate: Factory | None = None
-    norm: Factory | None = None
-    stage: Factory | None = None
+    shared: type[nn.Module] | None = None
     aliases: tuple[str, ...] = ()
     suggest: Suggest | None = None
     source: str = ""
 
     @property
     def kind(self) -> str:
-        """How the module plugs in, for listings: 'norm', 'stage+gate', 'gate' or 'identity'."""
-        hooks = [h for h in ("norm", "stage", "gate") if getattr(self, h) is not None]
-        return "+".join(hooks) or "identity"
+        """Where the module goes, for listings: 'gate', 'gate, stage-shared', 'norm' or 'identity'."""
+        if issubclass(self.cls, nn.Identity):
+            return "identity"
+        return self.role + (", stage-shared" if self.shared is not None else "")
 
     @property
     def defaults(self) -> dict[str, Any]:
-        """The options the module's factories accept, with their default values."""
+        """The options the module's classes accept, with their default values."""
         found: dict[str, Any] = {}
-        for factory in (self.norm, self.stage, self.gate):
-            if factory is None:
+        for cls in (self.shared, self.cls):
+            if cls is None:
                 continue
-            for p in inspect.signature(factory).parameters.values():
+            for p in inspect.signature(cls).parameters.values():
                 if p.kind is p.KEYWORD_ONLY and p.default is not p.empty:
                     found[p.name] = p.default
         return found
@@ -98,31 +87,23 @@ class ModuleSpec:
         unknown = sorted(set(options) - set(self.defaults))
         if unknown:
             accepted = ", ".join(sorted(self.defaults)) or "none"
-            raise UserError(
-                f"module '{self.name}' has no option {', '.join(unknown)}; it accepts: {accepted}"
-            )
+            raise UserError(f"module '{self.name}' has no option {', '.join(unknown)}; it accepts: {accepted}")
 
-    def _options_for(self, factory: Factory, options: dict[str, Any]) -> dict[str, Any]:
-        params = inspect.signature(factory).parameters
-        return {k: v for k, v in options.items() if k in params}
-
-    def make_norm(self, channels: int, options: dict[str, Any]) -> nn.Module:
-        if self.norm is None:
-            return BatchNorm2d(channels)
-        return self.norm(channels, **self._options_for(self.norm, options))
-
-    def make_stage(self, channels: int, options: dict[str, Any]) -> nn.Module | None:
-        if self.stage is None:
+    def build_shared(self, channels: int, options: dict[str, Any]) -> nn.Module | None:
+        """A stage's shared module, or None where the module shares nothing."""
+        if self.shared is None:
             return None
-        return self.stage(channels, **self._options_for(self.stage, options))
+        return self.shared(channels, **_accepted(self.shared, options))
 
-    def make_gate(self, channels: int, shared: nn.Module | None, options: dict[str, Any]) -> nn.Module:
-        if self.gate is None:
-            return nn.Identity()
-        kwargs = self._options_for(self.gate, options)
-        if self.stage is None:
-            return self.gate(channels, **kwargs)
-        return self.gate(channels, shared, **kwargs)
+    def build(self, channels: int, options: dict[str, Any], shared: nn.Module | None = None) -> nn.Module:
+        """One gate (with its stage's shared module, if the module has one) or one norm."""
+        kwargs = _accepted(self.cls, options)
+        return self.cls(channels, **kwargs) if self.shared is None else self.cls(channels, shared, **kwargs)
+
+
+def _accepted(cls: type, options: dict[str, Any]) -> dict[str, Any]:
+    params = inspect.signature(cls).parameters
+    return {k: v for k, v in options.items() if k in params}
 
 
 _REGISTRY: dict[str, ModuleSpec] = {}
@@ -132,32 +113,38 @@ _discovered = False
 
 def register(
     name: str,
-    description: str,
     *,
-    gate: Factory | None = None,
-    norm: Factory | None = None,
-    stage: Factory | None = None,
+    role: str = "gate",
+    shared: type[nn.Module] | None = None,
     aliases: tuple[str, ...] = (),
     tunable: dict[str, Tunable] | Suggest | None = None,
-) -> ModuleSpec:
-    """Add a module to the registry; called once at the bottom of each module file.
+) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator adding a module to the registry under `name` (and `aliases`).
 
     `tunable` makes options searchable by the tuner: ranges per option, or a function from an
     Optuna trial to options."""
-    if stage is not None and gate is None:
-        raise ValueError(f"module '{name}': a stage hook needs a gate that uses its state")
-    source = _caller_file()
+    if role not in ROLES:
+        raise ValueError(f"module '{name}': role must be one of {ROLES}, not {role!r}")
+    if shared is not None and role != "gate":
+        raise ValueError(f"module '{name}': only a gate can take a stage-shared module")
     suggest = _suggest_from_ranges(tunable) if isinstance(tunable, dict) else tunable
-    spec = ModuleSpec(name, description, gate, norm, stage, tuple(aliases), suggest, source)
-    for key in (name, *aliases):
-        key = key.lower()
-        if key in _ALIASES:
-            other = _REGISTRY[_ALIASES[key]].source
-            raise UserError(f"module name '{key}' from {source} is already registered by {other}")
-    _REGISTRY[name.lower()] = spec
-    for key in (name, *aliases):
-        _ALIASES[key.lower()] = name.lower()
-    return spec
+
+    def add(cls: type[nn.Module]) -> type[nn.Module]:
+        source = getattr(sys.modules.get(cls.__module__), "__file__", None) or cls.__module__
+        doc = inspect.getdoc(cls) if cls.__doc__ else None  # not a base class's docstring
+        spec = ModuleSpec(name.lower(), cls, role, doc.splitlines()[0] if doc else cls.__name__, shared,
+                          tuple(aliases), suggest, source)
+        for key in (name, *aliases):
+            key = key.lower()
+            if key in _ALIASES:
+                other = _REGISTRY[_ALIASES[key]].source
+                raise UserError(f"module name '{key}' from {source} is already registered by {other}")
+        _REGISTRY[spec.name] = spec
+        for key in (name, *aliases):
+            _ALIASES[key.lower()] = spec.name
+        return cls
+
+    return add
 
 
 def _suggest_from_ranges(ranges: dict[str, Tunable]) -> Suggest:
@@ -165,11 +152,6 @@ def _suggest_from_ranges(ranges: dict[str, Tunable]) -> Suggest:
         return {name: trial.suggest_float(name, r.low, r.high, log=r.log) for name, r in ranges.items()}
 
     return suggest
-
-
-def _caller_file() -> str:
-    """The file that called register(), so duplicate-name errors can name both files."""
-    return sys._getframe(2).f_code.co_filename
 
 
 def _discover() -> None:
@@ -192,7 +174,7 @@ def _discover() -> None:
 
 
 def load_plugin(path: str | Path) -> None:
-    """Import a module file the user named with --plugin; its register() calls add modules."""
+    """Import a module file the user named with --plugin; its @register classes join the registry."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"plugin file {path} does not exist; pass the path to a .py file")

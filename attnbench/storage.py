@@ -128,8 +128,9 @@ class RunStore:
     def _keys(self, states: tuple[TrialState, ...]) -> set[str]:
         return {t.user_attrs["run_key"] for t in self._runs(states)}
 
-    def enqueue(self, configs: list[RunConfig], attrs: dict[str, dict[str, Any]]) -> dict[str, int]:
-        """Queue the runs that are neither complete, nor queued, nor running; count each kind."""
+    def enqueue(self, configs: list[RunConfig], attrs: dict[str, Any]) -> dict[str, int]:
+        """Queue the runs that are neither complete, nor queued, nor running, each with `attrs`
+        beside its config's own; count each kind."""
         self.reclaim_expired()
         states = {TrialState.COMPLETE: "complete", TrialState.RUNNING: "running", TrialState.WAITING: "queued"}
         found: dict[str, str] = {}
@@ -141,7 +142,7 @@ class RunStore:
         for cfg in configs:
             status = found.get(cfg.key())
             if status is None:
-                self._add_waiting(cfg.seed, dict(attrs[cfg.key()], **cfg.attrs()))
+                self._add_waiting(cfg.seed, dict(attrs, **cfg.attrs()))
                 status = found[cfg.key()] = "newly queued"
             counts[status] += 1
         return counts

@@ -1,16 +1,15 @@
-"""The training loop of the paper recipe, made fast by keeping the hot loop free of host syncs.
+"""The training loop of the paper recipe, one speed path for every module.
 
-Data is a device tensor (see data.py), per-step metrics accumulate on the device and are read
-once per epoch, and the model runs channels_last. Everything random is a pure function of the
-seed and the epoch, and the checkpoint holds model, optimiser and history, so a run killed at
-any point resumes to bit-identical weights on the same machine.
+Speed comes from what applies to any nn.Module alike: data is a device tensor (see data.py),
+per-step metrics accumulate on the device and are read once per epoch, the model runs
+channels_last, with autocast on CUDA where asked and torch.compile where asked. Everything
+random is a pure function of the seed and the epoch, and the checkpoint holds model, optimiser
+and history, so a run killed at any point resumes to bit-identical weights on the same machine.
 """
 
 from __future__ import annotations
 
-import ctypes
 import math
-import platform
 import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -27,7 +26,7 @@ from attnbench.config import RunConfig
 from attnbench.data import Splits, eval_batches, train_batches
 from attnbench.errors import UserError
 from attnbench.files import write_atomic
-from attnbench.models import build_model
+from attnbench.models import build_model, count_params
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,12 +41,13 @@ class Runtime:
 
     device: torch.device = field(default_factory=lambda: default_device())
     compile: bool = False
-    channels_last: bool = True  # on a 2-core AVX2 CPU 1.15-1.2x (ResNet-20), 1.3x (ResNet-164) faster than NCHW
+    channels_last: bool = True
     progress: bool | None = None  # None: bars only on an interactive terminal
 
 
 @dataclass
 class RunResult:
+    params: int
     history: list[dict] = field(default_factory=list)
 
     @property
@@ -94,21 +94,14 @@ def check_amp(amp: str, device: torch.device) -> None:
         raise UserError("--amp bf16: this GPU has no bfloat16 support; use --amp fp16")
 
 
-def keep_freed_memory() -> None:
-    """Have glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+def autocast_for(device: torch.device, amp: str) -> Callable[[], AbstractContextManager]:
+    """A context factory for the forward pass: autocast to `amp`'s dtype, or nothing for fp32."""
+    dtype = AMP_DTYPES.get(amp)
 
-    On the GPU torch's caching allocator does this. On the CPU torch leaves it to malloc, and
-    glibc serves every block above its mmap threshold (32 MiB at most) with a fresh mmap that it
-    unmaps on free; ResNet-164's first-stage activations at batch 128 are 32 MiB, so each step
-    page-faulted them in anew (about 40k faults per step of a ResNet-11 bottleneck, about 4k
-    kept) and ran about 1.16x as long. The change is process-wide and lasts: the process's
-    resident memory no longer shrinks after a peak. Without glibc (macOS, musl, Windows) it does
-    nothing."""
-    if platform.libc_ver()[0] != "glibc":
-        return
-    mallopt = ctypes.CDLL(None).mallopt
-    mallopt(-4, 0)  # M_MMAP_MAX: serve large blocks from the heap too
-    mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: keep the heap's free top instead of trimming it
+    def autocast() -> AbstractContextManager:
+        return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+    return autocast
 
 
 def lr_at(cfg: RunConfig, epoch: int) -> float:
@@ -127,7 +120,8 @@ def evaluate(model: nn.Module, splits: Splits, cfg: RunConfig, rt: Runtime, auto
 @dataclass
 class Stepper:
     """A run's model and optimiser with the per-step work of training: the one copy of the hot
-    loop, driven by train() and timed by attnbench.speed, so the benchmark measures what trains."""
+    loop, driven by train() and timed by attnbench.costs and benchmarks/plain_loop.py, so the
+    benchmarks measure what trains."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -147,26 +141,20 @@ class Stepper:
     def wrap(cls, model: nn.Module, rt: Runtime, *, lr: float, momentum: float, weight_decay: float,
              amp: str = "") -> Stepper:
         """Move `model` to the runtime's device and layout and give it the recipe's optimiser;
-        measure.py times its train steps through this too. On the CPU it also makes the process
-        keep freed memory (keep_freed_memory), for good; with rt.compile it clears the process's
-        compiled graphs first."""
+        costs.py times its train steps through this too. With rt.compile the model is compiled
+        as one graph (a graph break is an error, not a silent fall back to eager), after the
+        process's earlier compiled graphs are cleared."""
         model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
                                     foreach=True)
         if rt.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        elif rt.device.type == "cpu":
-            keep_freed_memory()
-        dtype = AMP_DTYPES.get(amp)
-
-        def autocast() -> AbstractContextManager:
-            return torch.autocast(rt.device.type, dtype=dtype) if dtype else nullcontext()
-
         if rt.compile:
             # A worker compiles run after run in one process; past torch's recompile limit (8 graphs
             # of ResNet.forward) it would train the rest eagerly, with one logged warning.
             torch.compiler.reset()
-        return cls(model, optimizer, torch.compile(model) if rt.compile else model, autocast,
+        return cls(model, optimizer, torch.compile(model, fullgraph=True) if rt.compile else model,
+                   autocast_for(rt.device, amp),
                    torch.amp.GradScaler(rt.device.type) if amp == "fp16" else None, rt.device)
 
     def run(self, batches: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
@@ -207,7 +195,7 @@ def train(
     check_amp(cfg.amp, rt.device)
     stepper = Stepper.build(cfg, splits.num_classes, rt)
     model, optimizer = stepper.model, stepper.optimizer
-    result = RunResult()
+    result = RunResult(params=count_params(model))
     if checkpoint is not None and checkpoint.exists():
         state = load_checkpoint(checkpoint, cfg)
         model.load_state_dict(state["model"])

@@ -24,7 +24,7 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
 from attnbench import registry
-from attnbench.bench import SplitCache, worker_name
+from attnbench.grid import SplitCache, worker_name
 from attnbench.config import RunConfig
 from attnbench.data import Splits
 from attnbench.errors import UserError

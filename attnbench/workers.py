@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from attnbench import registry
-from attnbench.bench import SplitCache, work, worker_name
+from attnbench.grid import SplitCache, work, worker_name
 from attnbench.errors import UserError
 from attnbench.storage import RunStore, open_storage
 from attnbench.train import Runtime

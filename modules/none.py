@@ -1,5 +1,10 @@
-"""The baseline: the backbone with no attention, so every module is compared against it."""
+"""The baseline: the backbone without attention, against which every module is compared."""
+
+from torch import nn
 
 from attnbench.registry import register
 
-register("none", "plain ResNet, no attention (the baseline)", aliases=("baseline", "resnet"))
+
+@register("none", aliases=("baseline", "resnet"))
+class NoAttention(nn.Identity):
+    """Plain ResNet, no attention (the baseline)."""

@@ -1,5 +1,5 @@
-"""Shared fixtures: the real mini CIFAR-10 set beside the checkout, an isolated registry, and the
-C kernels' check."""
+"""Shared fixtures: the real mini CIFAR-10 set beside the checkout, an isolated registry, SE written
+as a plugin, and a comparison of two training steps."""
 
 import os
 import signal
@@ -10,7 +10,7 @@ from typing import Callable
 import pytest
 import torch
 
-from attnbench import fused, registry
+from attnbench import registry
 
 # beside the checkout, as in the team's workspace; ATTNBENCH_MINI_CIFAR points elsewhere
 MINI_CIFAR = Path(os.environ.get("ATTNBENCH_MINI_CIFAR")
@@ -25,9 +25,6 @@ def mini_cifar_dir() -> Path:
     return MINI_CIFAR
 
 
-needs_kernels = pytest.mark.skipif(os.environ.get("ATTNBENCH_KERNELS") == "0", reason="kernels turned off")
-
-
 def assert_trained_alike(got: tuple, want: tuple, *, grads_rel: float, buffers_rtol: float) -> None:
     """Two training runs' (output, {name: gradient}, {name: buffer}) agree: outputs elementwise,
     each gradient in relative L2 norm (robust to a ReLU input that rounds to 0 on one side only),
@@ -40,20 +37,6 @@ def assert_trained_alike(got: tuple, want: tuple, *, grads_rel: float, buffers_r
         assert torch.allclose(value.double(), buffers_ref[name].double(), rtol=buffers_rtol, atol=1e-6), name
 
 
-def onednn_weight_grad(x, dy, weight_shape: tuple, stride: int, padding: int):
-    """torch's own (oneDNN's) weight gradient of a conv, which kernels.c's conv_weight_grad replaces."""
-    weight = torch.zeros(weight_shape).to(memory_format=torch.channels_last)
-    return torch.ops.aten.convolution_backward(dy, x, weight, None, [stride] * 2, [padding] * 2, [1, 1], False,
-                                               [0, 0], 1, [False, True, False])[1]
-
-
-@pytest.fixture
-def kernels_built_unless_turned_off() -> None:
-    """CI has a C compiler: a test of the C kernels must not pass by running the torch path."""
-    if os.environ.get("ATTNBENCH_KERNELS") != "0":
-        assert fused.library() is not None
-
-
 @pytest.fixture
 def clean_registry():
     """Let a test register plugins without leaking them into other tests."""
@@ -62,6 +45,33 @@ def clean_registry():
     yield registry
     registry._REGISTRY.clear(); registry._REGISTRY.update(saved[0])
     registry._ALIASES.clear(); registry._ALIASES.update(saved[1])
+
+
+PLAIN_SE = '''
+from torch import nn
+from attnbench.registry import register
+
+@register("plain_se")
+class PlainSE(nn.Module):
+    """SE as a plugin author writes it."""
+    def __init__(self, channels, *, reduction: int = 16):
+        super().__init__()
+        self.fc1 = nn.Linear(channels, channels // reduction)
+        self.fc2 = nn.Linear(channels // reduction, channels)
+
+    def forward(self, x):
+        a = self.fc2(self.fc1(x.mean((2, 3))).relu()).sigmoid()
+        return x * a[:, :, None, None]
+'''
+
+
+@pytest.fixture
+def plain_se(clean_registry, tmp_path) -> str:
+    """Registers SE written the plain way from a plugin file; returns its name."""
+    path = tmp_path / "plain_se.py"
+    path.write_text(PLAIN_SE)
+    clean_registry.load_plugin(path)
+    return "plain_se"
 
 
 def kill_a_worker_mid_trial(trials: Callable[[], list]) -> tuple:

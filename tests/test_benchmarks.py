@@ -1,190 +1,84 @@
-"""Timing of the hot pieces: each module's own work, on a stage-3-sized input unless a test says otherwise.
+"""Timing of the hot pieces: one training step, one augmented batch, and what each registered
+module adds to a block, forward and backward.
 
 Under the default --benchmark-disable each runs once as an ordinary test; with
---benchmark-enable they give timings to compare against the plain BN/identity cost.
+`python -m pytest tests/test_benchmarks.py --benchmark-enable` they give timings to compare side by
+side. Whole-model ratios between modules come from `run_bench.py --measure-only` instead, which
+interleaves them.
 """
 
 from __future__ import annotations
 
+from itertools import count
+from typing import Iterator
+
 import pytest
 import torch
 from pytest_benchmark.fixture import BenchmarkFixture
-
 from torch import nn
 
-from attnbench import fused, norm, registry, residual
-from attnbench.models.conv import Conv2d
-from attnbench.train import keep_freed_memory
-from conftest import needs_kernels, onednn_weight_grad
+from attnbench import data, registry
+from attnbench.config import preset
+from attnbench.train import Runtime, Stepper
 
-SHAPE = (128, 256, 8, 8)  # ResNet-164 stage 3 at batch 128
-
-
-@pytest.fixture(scope="module", autouse=True)
-def trainer_allocator() -> None:
-    """Time with the heap setting every CPU training run has (Stepper.wrap): without it each
-    8 MiB tensor may be page-faulted in afresh, which doubled CBAM's gate step here."""
-    keep_freed_memory()
+CPU = Runtime(device=torch.device("cpu"), progress=False)
+STAGES = {"stage1": (128, 64, 32, 32), "stage3": (128, 256, 8, 8)}  # ResNet-164's block outputs at batch 128
 
 
-def module_work(name: str, channels: int = SHAPE[1]) -> torch.nn.Module:
-    """The gate a module adds to a block, or its norm (IEBN); `none` gives the plain BN it replaces."""
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Small work on two OpenMP threads next to a busy neighbour on a 2-core machine waits a
+    scheduler tick per op; one thread keeps these tests at seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def splits() -> data.Splits:
+    images = torch.randint(0, 256, (1024, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(1024) % 10
+    return data.Splits("t", 10, images, labels, images[:100], labels[:100], "test", data.CIFAR_MEAN, data.CIFAR_STD)
+
+
+@pytest.mark.benchmark(group="train-step")
+def test_one_train_step_of_resnet8(benchmark: BenchmarkFixture, splits: data.Splits, one_thread: None) -> None:
+    cfg = preset("quick", depth=8, block="basic", batch_size=32)
+    stepper = Stepper.build(cfg, splits.num_classes, CPU)
+    batch = next(data.train_batches(splits, cfg.batch_size, 0, cfg.seed, channels_last=CPU.channels_last))
+    before = stepper.model.fc.weight.detach().clone()
+    loss_sum, correct = benchmark(stepper.run, [batch])
+    assert torch.isfinite(loss_sum) and 0 <= int(correct) <= cfg.batch_size
+    assert not torch.equal(stepper.model.fc.weight, before)
+
+
+@pytest.mark.benchmark(group="augment")
+def test_one_augmented_batch_of_128(benchmark: BenchmarkFixture, splits: data.Splits, one_thread: None) -> None:
+    stream = (batch for epoch in count() for batch in data.train_batches(splits, 128, epoch, 0, channels_last=True))
+    x, y = benchmark(next, stream)
+    assert x.shape == (128, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (128,)
+
+
+def block_end(name: str, channels: int) -> nn.Module:
+    """A block's last norm and its gate, as the backbone builds them for the module: a batch norm
+    and the gate, or the module's norm (IEBN) and no gate; `none` is the plain batch norm."""
     spec = registry.get(name)
-    if spec.gate is not None:
-        return spec.make_gate(channels, spec.make_stage(channels, {}), {})
-    return spec.make_norm(channels, {})
+    if spec.role == "norm":
+        return spec.build(channels, {})
+    return nn.Sequential(nn.BatchNorm2d(channels), spec.build(channels, {}, spec.build_shared(channels, {})))
 
 
-@pytest.mark.benchmark(group="gate-forward")
-@pytest.mark.parametrize("name", ["none", "se", "cbam", "iebn", "spe"])
-def test_gate_forward(benchmark: BenchmarkFixture, name: str) -> None:
-    module = module_work(name).train()
-    x = torch.randn(SHAPE)
-    out = benchmark(module, x)
-    assert out.shape == x.shape
-
-
-@pytest.mark.benchmark(group="gate-train-step")
-@pytest.mark.parametrize("path", [pytest.param("fused", marks=needs_kernels), "torch-ops"])
-@pytest.mark.parametrize("name", ["se", "cbam", "iebn", "spe"])
-def test_gate_train_step(benchmark: BenchmarkFixture, name: str, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Forward and backward of a module's work in channels_last, as the trainer runs it: the fused
-    CPU path (attnbench.pooling.gate's, IEBN's own) side by side with the same work as torch ops."""
-    if path == "torch-ops":
-        monkeypatch.setattr(fused, "serves", lambda *tensors, params=(): False)
-    module = module_work(name).train().to(memory_format=torch.channels_last)
-    x, dy = (torch.randn(SHAPE).to(memory_format=torch.channels_last) for _ in range(2))
-    x.requires_grad_()
-    grads = benchmark(lambda: torch.autograd.grad(module(x), [x, *module.parameters()], dy))
-    assert grads[0].shape == x.shape and all(g is not None for g in grads)
-    assert ("Fused" in type(module(x).grad_fn).__name__) == (path == "fused")
-
-
-@pytest.mark.benchmark(group="block-tail", warmup=True, warmup_iterations=3)
-@pytest.mark.parametrize("path", [pytest.param("fused-tail", marks=needs_kernels), "torch-tail"])
-@pytest.mark.parametrize("name", ["none", "se", "cbam", "iebn", "spe"])
-def test_block_tail_train_step(benchmark: BenchmarkFixture, name: str, path: str) -> None:
-    """Forward and backward of relu(work(x) + shortcut), the end of a post-activation block, at
-    ResNet-164's first stage (where the tail's passes cost most): the module's work writing the
-    add and the ReLU itself (none: torch's one-pass _add_relu) side by side with the add and the
-    ReLU as torch ops after it."""
-    shape = (128, 64, 32, 32)
-    work = None if name == "none" else module_work(name, shape[1]).train().to(memory_format=torch.channels_last)
-    params = [] if work is None else list(work.parameters())
-    x, shortcut, dy = (torch.randn(shape).to(memory_format=torch.channels_last) for _ in range(3))
-    x.requires_grad_()
-    shortcut.requires_grad_()
-
-    def tail() -> torch.Tensor:
-        if path == "torch-tail":
-            return torch.relu((x if work is None else work(x)) + shortcut)
-        return residual.add(x, shortcut, relu=True) if work is None else work(x, residual=shortcut, relu=True)
-
-    grads = benchmark(lambda: torch.autograd.grad(tail(), [x, shortcut, *params], dy))
-    assert grads[0].shape == x.shape and all(g is not None for g in grads)
-    ends_in = type(tail().grad_fn).__name__  # the fused tail is one Function; torch's ends in its ReLU
-    assert (ends_in == "ReluBackward0") == (path == "torch-tail"), ends_in
-
-
-# "fixed": a shape at which the C passes take next to nothing, so what is left is what a gate costs
-# every block whatever its size (the attention's autograd, the fold's small ops, Python)
-STAGES = {"stage1": (128, 64, 32, 32), "stage2": (128, 128, 16, 16), "stage3": (128, 256, 8, 8),
-          "fixed": (2, 64, 8, 8)}
-
-
-@pytest.mark.benchmark(group="norm-and-tail", warmup=True, warmup_iterations=3)
-@pytest.mark.parametrize("caches", ["warm", "flushed"])
+@pytest.mark.benchmark(group="block-end", warmup=True, warmup_iterations=2)
 @pytest.mark.parametrize("stage", list(STAGES))
-@pytest.mark.parametrize("name", ["none", "se", "spe", "cbam"])
-def test_norm_and_tail_train_step(benchmark: BenchmarkFixture, name: str, stage: str, caches: str) -> None:
-    """Forward and backward of a ResNet-164 block's end as the trainer runs it on the CPU: the
-    last batch norm, the module's gate (its norm folded in) and relu(+ shortcut); for `none`
-    the C batch norm writing the add and the ReLU. What a gate module costs per block over
-    `none`, at each stage's activation (33.5, 16.8 and 8.4 MB), and at a tiny one ("fixed").
-    "flushed" writes 48 MB (more than this CPU's L3) before each round, as the block's convs
-    do in a training step: the gate's small calls then cost what they cost there, 2-3x their
-    warm time."""
+@pytest.mark.parametrize("name", registry.available())
+def test_block_end_train_step(benchmark: BenchmarkFixture, name: str, stage: str) -> None:
+    """Forward and backward of a block's last norm, the module's gate and relu(+ shortcut), in
+    channels_last as the trainer runs it: what a module costs per block over `none`."""
     shape = STAGES[stage]
-    bn = norm.BatchNorm2d(shape[1])
-    gate = None if name == "none" else module_work(name, shape[1]).train()
-    params = [*bn.parameters(), *([] if gate is None else gate.parameters())]
+    end = block_end(name, shape[1]).train().to(memory_format=torch.channels_last)
     x, shortcut, dy = (torch.randn(shape).to(memory_format=torch.channels_last) for _ in range(3))
     x.requires_grad_()
-
-    def tail() -> torch.Tensor:
-        return bn(x, residual=shortcut, relu=True) if gate is None else gate(x, residual=shortcut, relu=True,
-                                                                               before=bn)
-
-    def step() -> tuple[torch.Tensor, ...]:
-        return torch.autograd.grad(tail(), [x, *params], dy)
-
-    if caches == "warm":
-        grads = benchmark(step)
-    else:
-        evict = torch.empty(12 * 2**20)
-
-        def flush() -> None:  # pedantic() would take a returned value as step's arguments
-            evict.add_(1.0)
-
-        grads = benchmark.pedantic(step, setup=flush, rounds=30, warmup_rounds=3)
+    inputs = [x, *end.parameters()]
+    grads = benchmark(lambda: torch.autograd.grad(torch.relu(end(x) + shortcut), inputs, dy))
     assert grads[0].shape == x.shape and all(g is not None for g in grads)
-    if fused.library() is not None:  # the C path: for a gate, with the norm folded in (never run itself)
-        norm_ran = []
-        bn.register_forward_hook(lambda *_: norm_ran.append(True))
-        assert "Fused" in type(tail().grad_fn).__name__ and bool(norm_ran) == (gate is None)
-
-
-@pytest.mark.benchmark(group="batch-norm", warmup=True, warmup_iterations=3)
-@pytest.mark.parametrize("path", [pytest.param("kernels.c", marks=needs_kernels), "torch"])
-@pytest.mark.parametrize("with_residual", [False, True], ids=["relu", "residual-relu"])
-@pytest.mark.parametrize("channels, size", [(16, 32), (64, 8)], ids=["stage1", "stage3"])
-def test_batch_norm_train_step(benchmark: BenchmarkFixture, path: str, with_residual: bool, channels: int, size: int,
-                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """Forward and backward of a ResNet-20 batch norm with the ReLU after it (and a block's
-    residual add before that) at batch 128: attnbench.norm's C path side by side with torch's
-    batch norm followed by attnbench.residual.add, which the layer runs off the C path."""
-    if path == "torch":
-        monkeypatch.setattr(norm.BatchNorm2d, "_fusable", lambda self, x, residual: False)
-    bn = norm.BatchNorm2d(channels)
-    x, shortcut, dy = (torch.randn(128, channels, size, size).to(memory_format=torch.channels_last) for _ in range(3))
-    x.requires_grad_()
-    shortcut = shortcut.requires_grad_() if with_residual else None
-    inputs = [x, bn.weight, bn.bias, *([shortcut] if with_residual else [])]
-    grads = benchmark(lambda: torch.autograd.grad(bn(x, shortcut, relu=True), inputs, dy))
-    assert all(g is not None for g in grads)
-    assert ("Fused" in type(bn(x, shortcut, relu=True).grad_fn).__name__) == (path == "kernels.c")
-
-
-@pytest.mark.benchmark(group="conv-weight-grad")
-@pytest.mark.parametrize("path", [pytest.param("kernels.c", marks=needs_kernels), "onednn"])
-@pytest.mark.parametrize("channels, size", [(16, 32), (64, 8)], ids=["stage1", "stage3"])
-def test_conv_weight_grad(benchmark: BenchmarkFixture, path: str, channels: int, size: int) -> None:
-    """A CIFAR ResNet 3x3 conv's weight gradient at batch 128: attnbench.models.conv's C kernel
-    side by side with oneDNN's, which the layer replaces."""
-    x, dy = (torch.randn(128, channels, size, size).to(memory_format=torch.channels_last) for _ in range(2))
-    weight_grad = fused.conv_weight_grad if path == "kernels.c" else onednn_weight_grad
-    args = (x, dy, 3, 1, 1) if path == "kernels.c" else (x, dy, (channels, channels, 3, 3), 1, 1)
-    assert benchmark(weight_grad, *args).shape == (channels, channels, 3, 3)
-
-
-CONV_PATHS = {"winograd": "_WinogradConvBackward", "weight-grad-in-c": "_ConvWithWeightGradInCBackward",
-              "onednn": "ConvolutionBackward0"}
-
-
-@pytest.mark.benchmark(group="conv3x3-train")
-@pytest.mark.parametrize("path", [pytest.param(p, marks=needs_kernels) if p != "onednn" else p for p in CONV_PATHS])
-@pytest.mark.parametrize("channels, size", [(16, 32), (64, 8)], ids=["stage1", "stage3"])
-def test_conv3x3_train(benchmark: BenchmarkFixture, monkeypatch: pytest.MonkeyPatch, path: str, channels: int,
-                       size: int) -> None:
-    """A CIFAR ResNet 3x3 conv's forward, input and weight gradients at batch 128, by each of
-    attnbench.models.conv's paths for it side by side: Winograd, the direct weight gradient in C
-    with oneDNN's forward and input gradient, and oneDNN throughout."""
-    if path == "weight-grad-in-c":
-        monkeypatch.setattr(Conv2d, "_winograd", lambda self, x: False)
-    layer = (Conv2d if path != "onednn" else nn.Conv2d)(channels, channels, 3, padding=1, bias=False)
-    layer = layer.to(memory_format=torch.channels_last)
-    x, dy = (torch.randn(128, channels, size, size).to(memory_format=torch.channels_last) for _ in range(2))
-    x.requires_grad_()
-    grads = benchmark(lambda: torch.autograd.grad(layer(x), [x, layer.weight], dy))
-    assert all(g is not None for g in grads)
-    assert type(layer(x).grad_fn).__name__ == CONV_PATHS[path]

@@ -3,6 +3,7 @@
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -12,6 +13,7 @@ from attnbench.errors import UserError
 from attnbench.config import preset
 from attnbench.storage import RunStore, open_storage
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "quick", "--train-size", "256", "--epochs", "1", "--no-progress"]
 
 
@@ -74,7 +76,7 @@ def test_run_of_a_dead_worker_is_resumed_in_a_new_trial(tmp_path, results, capsy
                           text=True).stdout.strip()
     cfg = preset("quick", train_size=256, epochs=1, module="none", dataset="synthetic")
     store = RunStore(open_storage(None, results))
-    store.enqueue([cfg], {cfg.key(): {"params": 1}})
+    store.enqueue([cfg], {})
     store.claim(f"{platform.node()}:{dead}")
     assert run_cli(tmp_path, "--no-baseline", "--modules", "none") == 0
     trials = RunStore(open_storage(None, results)).study.trials
@@ -136,7 +138,7 @@ def test_an_unreachable_database_is_not_told_to_tune(tmp_path, results, capsys):
 def test_the_command_line_prints_no_warning_of_fvcores_import(tmp_path):
     """fvcore scripts a helper when imported, which torch calls deprecated: two lines on stderr
     before every --measure-only's output or its one-line error."""
-    done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", "import attnbench.measure"],
+    done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", "import attnbench.costs"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
 
@@ -193,9 +195,42 @@ def test_measure_only_prints_and_stores_the_cost_table(tmp_path, results, capsys
     spe = table.set_index("module").loc["spe"]
     assert spe["extra_params"] == 3 * 2 + 4 * (16 + 32 + 64)  # 4C + 2 per block, one block a stage
     assert spe["extra_macs_paper"] == 0 and spe["extra_macs_full"] > 0
+    assert spe["extra_saved_bytes"] > 0  # SPE's product keeps its input, which none's add does not
     assert "MACs, paper: conv+linear (M)" in out and "MACs, full: all ops (M)" in out
+    assert "saved for backward (MiB)" in out and "train step vs none, eager [IQR]" in out
     assert (results / "costs.md").read_text().strip() == out.strip()
     assert not (results / "runs.journal").exists()  # measuring trains nothing and stores no runs
+
+
+BREAKS_A_GRAPH = '''
+from torch import nn
+from attnbench.registry import register
+
+@register("host_scale")
+class HostScale(nn.Module):
+    """Scales by a count made on the host, which torch.compile cannot keep in one graph."""
+    def __init__(self, channels):
+        super().__init__()
+
+    def forward(self, x):
+        return x / (1 + sum(v > 0 for v in x.mean((1, 2, 3)).tolist()))
+'''
+
+
+def test_a_plugin_that_does_not_compile_trains_eager_and_compile_names_it(tmp_path, results, capsys, clean_registry):
+    """--compile checks each module first and names the one that breaks the graph, and the op; without
+    --compile the same plugin trains."""
+    plugin = tmp_path / "host_scale.py"
+    plugin.write_text(BREAKS_A_GRAPH)
+    code = run_cli(tmp_path, "--plugin", str(plugin), "--modules", "host_scale", "--compile")
+    one_line_error(capsys, code, "--compile: module 'host_scale' does not compile as one graph", "Tensor.tolist()",
+                   "run it without --compile")
+    assert not list(results.iterdir())
+    eager = subprocess.run([sys.executable, str(ROOT / "run_bench.py"), *TINY, "--results-dir", str(results),
+                            "--plugin", str(plugin), "--modules", "host_scale", "--no-baseline"],
+                           capture_output=True, text=True, timeout=300)
+    assert eager.returncode == 0, eager.stderr
+    assert pd.read_csv(results / "runs.csv")["state"].tolist() == ["COMPLETE"]
 
 
 def test_measure_only_with_invalid_depth_is_the_training_error(tmp_path, results, capsys):

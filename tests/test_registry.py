@@ -12,14 +12,16 @@ PLUGIN = '''
 from torch import nn
 from attnbench.registry import register
 
+@register("{name}")
 class Halve(nn.Module):
+    """Multiplies the block output by a constant.
+
+    The rest of the docstring is not the description."""
     def __init__(self, channels, *, factor: float = 0.5):
         super().__init__()
         self.factor = factor
     def forward(self, x):
         return x * self.factor
-
-register("{name}", "multiplies the block output by a constant", gate=Halve)
 '''
 
 
@@ -33,6 +35,32 @@ def test_kinds_cover_gate_and_norm(clean_registry):
     assert clean_registry.get("iebn").kind == "norm"
     assert clean_registry.get("none").kind == "identity"
     assert clean_registry.get("spe").defaults == {"p0": 0.5, "p1": 0.5, "alpha": 0.1}
+    assert clean_registry.get("iebn").defaults == {"eps": 1e-5, "momentum": 0.1}
+
+
+def test_registry_imports_no_layer_implementation():
+    """The registry names modules; which layers exist is the modules' and the backbone's business."""
+    from pathlib import Path
+
+    import attnbench.registry
+
+    source = Path(attnbench.registry.__file__).read_text()
+    imported = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
+    assert not [line for line in imported if "attnbench" in line and "errors" not in line], imported
+
+
+def test_every_module_file_imports_only_torch_and_the_registry():
+    """A module file is exactly what a plugin author writes."""
+    from pathlib import Path
+
+    import attnbench.modules
+
+    for path in Path(attnbench.modules.__path__[0]).glob("*.py"):
+        imported = {line.split()[1].split(".")[0] for line in path.read_text().splitlines()
+                    if line.startswith(("import ", "from "))}
+        assert imported <= {"torch", "math", "attnbench"}, path
+        assert all(line.startswith(("import torch", "from torch", "import math", "from attnbench.registry import"))
+                   for line in path.read_text().splitlines() if line.startswith(("import ", "from "))), path
 
 
 def test_unknown_module_names_the_available_ones(clean_registry):
@@ -51,7 +79,8 @@ def test_plugin_file_adds_a_module(clean_registry, tmp_path):
     clean_registry.load_plugin(path)
     model = build_model("halve", 8, 10, block="basic", options={"factor": 0.25})
     assert model.stages[0][0].gate.factor == 0.25
-    assert clean_registry.get("halve").source == str(path)
+    spec = clean_registry.get("halve")
+    assert spec.source == str(path) and spec.description == "Multiplies the block output by a constant."
 
 
 def test_plugin_registering_a_taken_name_names_both_files(clean_registry, tmp_path):

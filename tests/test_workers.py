@@ -11,10 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from attnbench.bench import SplitCache, run_attrs
 from attnbench.config import preset
 from attnbench.storage import RunStore, open_storage
-from attnbench.train import Runtime
 from attnbench.workers import WorkerSettings, submit_slurm
 from conftest import kill_a_worker_mid_trial
 
@@ -81,9 +79,8 @@ def test_slurm_array_with_submitit_local_executor(tmp_path):
 
     storage = str(tmp_path / "runs.journal")
     configs = [preset("quick", module=m, seed=0, train_size=256, epochs=1) for m in ("none", "spe")]
-    splits = SplitCache(Path("unused"), False, Runtime(device=__import__("torch").device("cpu")))
     store = RunStore(open_storage(storage, tmp_path))
-    store.enqueue(configs, {c.key(): run_attrs(c, splits[c], "quick") for c in configs})
+    store.enqueue(configs, {"preset": "quick"})
     settings = WorkerSettings(storage=storage, results_dir=tmp_path, study="attnbench",
                               checkpoint_dir=tmp_path / "ckpt", data_dir=Path("unused"), download=False,
                               device="cpu", compile=False, channels_last=True, threads=1)
@@ -97,7 +94,7 @@ def test_slurm_array_with_submitit_local_executor(tmp_path):
 def test_run_of_a_silent_worker_elsewhere_is_requeued_after_its_lease(tmp_path):
     cfg = preset("quick", module="none", train_size=256, epochs=1)
     store = RunStore(open_storage(None, tmp_path), lease=0.5)
-    store.enqueue([cfg], {cfg.key(): {"params": 1}})
+    store.enqueue([cfg], {})
     first, _ = store.claim("another-host:4242")
     assert store.claim("me:1") is None  # leased to the other host
     time.sleep(0.6)

@@ -1,4 +1,4 @@
-"""The CIFAR ResNets of the attention papers, post- and pre-activation, with a plug for attention.
+"""The CIFAR ResNets of the attention papers, post- and pre-activation, with a place for attention.
 
 The post-activation net is the "ResNet-164" of the IEBN, DIANet and SPEM papers (bearpaw's
 pytorch-classification): three stages of 16/32/64 planes, a projection shortcut (1x1 conv + BN)
@@ -6,10 +6,9 @@ on the first block of every stage, the attention gate after a block's last BN an
 residual add. The pre-activation net (PreResNet) runs BN-ReLU-conv inside blocks, has a conv-only
 shortcut and a final BN-ReLU before the pool.
 
-Every block asks the attention spec for its norms, for its gate and (once per stage) for shared
-state, so no module needs a branch here. A conv and norm with a ReLU after them, and a block's
-tail, go through attnbench.residual.finish, which lets the last layer apply the ReLU (and add the
-shortcut) as it writes its output.
+Every block takes its norm factory and its gate from the attention module's spec, so no module
+needs a branch here: a gate module is the `gate` of each block (nn.Identity for none), a norm
+module is every `norm` of the stem and the blocks.
 """
 
 from __future__ import annotations
@@ -18,12 +17,10 @@ import math
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnbench.errors import UserError
-from attnbench.models.conv import Conv2d
-from attnbench.norm import BatchNorm2d
-from attnbench.residual import finish
 from attnbench.registry import ModuleSpec
 
 Norm = Callable[[int], nn.Module]
@@ -31,39 +28,23 @@ Norm = Callable[[int], nn.Module]
 
 def conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> nn.Conv2d:
     """Bias-free conv with the originals' init, N(0, sqrt(2 / (k*k*out_channels)))."""
-    layer = Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False)
+    layer = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False)
     nn.init.normal_(layer.weight, 0.0, math.sqrt(2.0 / (kernel * kernel * out_ch)))
     return layer
 
 
-def projection(in_ch: int, out_ch: int, stride: int, with_bn: bool) -> nn.Module | None:
-    """Shortcut of a block whose shape changes; its BN stays a plain BN whatever the module."""
+def shortcut(in_ch: int, out_ch: int, stride: int, with_bn: bool) -> nn.Module:
+    """x itself, or a projection where the block changes the shape; its BN stays a plain BN
+    whatever the module."""
     if stride == 1 and in_ch == out_ch:
-        return None
+        return nn.Identity()
     layers = [conv(in_ch, out_ch, 1, stride)]
     if with_bn:
-        layers.append(BatchNorm2d(out_ch))
+        layers.append(nn.BatchNorm2d(out_ch))
     return nn.Sequential(*layers)
 
 
-class ReLUAfter(nn.Sequential):
-    """These layers, then a ReLU, which the last of them applies as it writes its output where
-    it can (a norm: see attnbench.residual.finish)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return finish(tuple(self), x, None, relu=True)
-
-
-class Block(nn.Module):
-    """What every block has: a shortcut, which is x itself unless the block changes its shape."""
-
-    shortcut: nn.Module | None
-
-    def skip(self, x: Tensor) -> Tensor:
-        return x if self.shortcut is None else self.shortcut(x)
-
-
-class BasicBlock(Block):
+class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(self, in_ch: int, planes: int, stride: int, norm: Norm, gate: nn.Module):
@@ -71,14 +52,15 @@ class BasicBlock(Block):
         self.conv1, self.bn1 = conv(in_ch, planes, 3, stride), norm(planes)
         self.conv2, self.bn2 = conv(planes, planes, 3), norm(planes)
         self.gate = gate
-        self.shortcut = projection(in_ch, planes, stride, with_bn=True)
+        self.shortcut = shortcut(in_ch, planes, stride, with_bn=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = finish((self.conv1, self.bn1), x, None, relu=True)
-        return finish((self.conv2, self.bn2, self.gate), out, self.skip(x), relu=True)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.gate(self.bn2(self.conv2(out)))
+        return F.relu(out + self.shortcut(x))
 
 
-class Bottleneck(Block):
+class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, in_ch: int, planes: int, stride: int, norm: Norm, gate: nn.Module):
@@ -87,15 +69,16 @@ class Bottleneck(Block):
         self.conv2, self.bn2 = conv(planes, planes, 3, stride), norm(planes)
         self.conv3, self.bn3 = conv(planes, planes * 4, 1), norm(planes * 4)
         self.gate = gate
-        self.shortcut = projection(in_ch, planes * 4, stride, with_bn=True)
+        self.shortcut = shortcut(in_ch, planes * 4, stride, with_bn=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = finish((self.conv1, self.bn1), x, None, relu=True)
-        out = finish((self.conv2, self.bn2), out, None, relu=True)
-        return finish((self.conv3, self.bn3, self.gate), out, self.skip(x), relu=True)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.gate(self.bn3(self.conv3(out)))
+        return F.relu(out + self.shortcut(x))
 
 
-class PreActBasicBlock(Block):
+class PreActBasicBlock(nn.Module):
     expansion = 1
 
     def __init__(self, in_ch: int, planes: int, stride: int, norm: Norm, gate: nn.Module):
@@ -103,15 +86,15 @@ class PreActBasicBlock(Block):
         self.bn1, self.conv1 = norm(in_ch), conv(in_ch, planes, 3, stride)
         self.bn2, self.conv2 = norm(planes), conv(planes, planes, 3)
         self.gate = gate
-        self.shortcut = projection(in_ch, planes, stride, with_bn=False)
+        self.shortcut = shortcut(in_ch, planes, stride, with_bn=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.conv1(finish((self.bn1,), x, None, relu=True))
-        out = finish((self.bn2,), out, None, relu=True)
-        return finish((self.conv2, self.gate), out, self.skip(x), relu=False)
+        out = self.conv1(F.relu(self.bn1(x)))
+        out = self.gate(self.conv2(F.relu(self.bn2(out))))
+        return out + self.shortcut(x)
 
 
-class PreActBottleneck(Block):
+class PreActBottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, in_ch: int, planes: int, stride: int, norm: Norm, gate: nn.Module):
@@ -120,13 +103,24 @@ class PreActBottleneck(Block):
         self.bn2, self.conv2 = norm(planes), conv(planes, planes, 3, stride)
         self.bn3, self.conv3 = norm(planes), conv(planes, planes * 4, 1)
         self.gate = gate
-        self.shortcut = projection(in_ch, planes * 4, stride, with_bn=False)
+        self.shortcut = shortcut(in_ch, planes * 4, stride, with_bn=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.conv1(finish((self.bn1,), x, None, relu=True))
-        out = self.conv2(finish((self.bn2,), out, None, relu=True))
-        out = finish((self.bn3,), out, None, relu=True)
-        return finish((self.conv3, self.gate), out, self.skip(x), relu=False)
+        out = self.conv1(F.relu(self.bn1(x)))
+        out = self.conv2(F.relu(self.bn2(out)))
+        out = self.gate(self.conv3(F.relu(self.bn3(out))))
+        return out + self.shortcut(x)
+
+
+class Stage(nn.Sequential):
+    """A stage's blocks in order. The module its gates share, where the attention module has one,
+    is held here as `shared`, so that the state dict names it once; it is not run as a block."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        for name, block in self.named_children():
+            if name != "shared":
+                x = block(x)
+        return x
 
 
 BLOCKS = {
@@ -171,24 +165,26 @@ class CifarResNet(nn.Module):
         attention.check_options(options)
 
         def norm(channels: int) -> nn.Module:
-            return attention.make_norm(channels, options)
+            return attention.build(channels, options) if attention.role == "norm" else nn.BatchNorm2d(channels)
 
-        self.stem = nn.Sequential(conv(3, 16, 3)) if preact else ReLUAfter(conv(3, 16, 3), norm(16))
+        def gate(channels: int, shared: nn.Module | None) -> nn.Module:
+            return attention.build(channels, options, shared) if attention.role == "gate" else nn.Identity()
+
+        self.stem = nn.Sequential(conv(3, 16, 3)) if preact else nn.Sequential(conv(3, 16, 3), norm(16), nn.ReLU())
         in_ch, stages = 16, []
         for planes, stride in ((16, 1), (32, 2), (64, 2)):
             out_ch = planes * block_cls.expansion
-            shared = attention.make_stage(out_ch, options)
+            shared = attention.build_shared(out_ch, options)
             blocks = []
             for i in range(n):
-                gate = attention.make_gate(out_ch, shared, options)
-                blocks.append(block_cls(in_ch, planes, stride if i == 0 else 1, norm, gate))
+                blocks.append(block_cls(in_ch, planes, stride if i == 0 else 1, norm, gate(out_ch, shared)))
                 in_ch = out_ch
-            stage = nn.Sequential(*blocks)
+            stage = Stage(*blocks)
             if shared is not None:
-                stage.shared = shared  # owned by the stage, so state_dict names it once
+                stage.shared = shared
             stages.append(stage)
         self.stages = nn.Sequential(*stages)
-        self.final = ReLUAfter(BatchNorm2d(in_ch)) if preact else nn.Identity()
+        self.final = nn.Sequential(nn.BatchNorm2d(in_ch), nn.ReLU()) if preact else nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)  # = the originals' AvgPool2d(8) on 32x32 inputs
         self.fc = nn.Linear(in_ch, num_classes)
         # Plain list, not submodules: the terms are already registered where they live.

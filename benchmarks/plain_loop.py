@@ -1,14 +1,17 @@
 """How much faster the harness trains than the plain loop the original code's users ran.
 
 The plain side is bearpaw's cifar.py train() without its .cuda() calls: torchvision's CIFAR10
-dataset with PIL transforms in a DataLoader with two workers, the eager NCHW model on torch's
-own kernels (attnbench's C kernels turned off), SGD, and a host sync per step for the running
-loss and accuracy. The harness side is attnbench.train's
-Stepper fed by attnbench.data.train_batches, the code train() runs. Both train the same model
-from the same initialisation on the same images with the same recipe, each in a process of its
-own, timed in interleaved blocks (plain, harness, plain, ...) after a warm-up, so that load from
-other processes falls on both alike; each side's speed is the median of its blocks, and the
-ratio of the medians is the result. Usage: python -m attnbench.speed --depth 164 --block bottleneck"""
+dataset with PIL transforms in a DataLoader with two workers, the eager NCHW model, SGD, and a
+host sync per step for the running loss and accuracy. The harness side is attnbench.train's
+Stepper fed by attnbench.data.train_batches, the code train() runs: the data on the device,
+augmented in a few batched tensor ops, channels_last, no host sync per step. Both train the same
+model (the same plain torch modules) from the same initialisation on the same images with the same
+recipe, each in a process of its own, timed in interleaved blocks (plain, harness, plain, ...)
+after a warm-up, so that load from other processes falls on both alike; each side's speed is the
+median of its blocks, and the ratio of the medians is the result.
+
+Usage: python benchmarks/plain_loop.py --depth 164 --block bottleneck
+"""
 
 from __future__ import annotations
 
@@ -148,7 +151,6 @@ def _serve(kind: str, cfg: RunConfig, splits: Splits, rt: Runtime, workers: int,
         mp.set_start_method(None, force=True)
         torch.set_num_threads(threads)
         if kind == "plain":
-            os.environ["ATTNBENCH_KERNELS"] = "0"  # the original code's layers: torch's own kernels throughout
             side: PlainLoop | HarnessLoop = PlainLoop(cfg, splits, rt.device, workers)
         else:  # the harness keeps the whole dataset where the model runs
             side = HarnessLoop(cfg, replace(splits, **{f: getattr(splits, f).to(rt.device) for f in
@@ -214,7 +216,7 @@ def measure(cfg: RunConfig, splits: Splits, rt: Runtime, *, blocks: int = 7, ste
     try:
         for kind in ("plain", "harness"):
             conn, child = context.Pipe()
-            process = context.Process(target=_serve, name=f"attnbench.speed {kind}",
+            process = context.Process(target=_serve, name=f"plain_loop {kind}",
                                       args=(kind, cfg, splits, rt, workers, torch.get_num_threads(), child))
             process.start()
             child.close()
@@ -260,14 +262,14 @@ def machine(device: torch.device) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m attnbench.speed", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/plain_loop.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--depth", type=int, default=20)
     parser.add_argument("--block", default="basic", choices=("basic", "bottleneck"))
     parser.add_argument("--module", default="none")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--dataset", default="cifar10", choices=("cifar10", "synthetic"))
-    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/cifar10-mini"),
-                        help="folder holding cifar-10-batches-py/ (default: the shared mini set beside the checkout)")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"),
+                        help="folder holding cifar-10-batches-py/, as for run_bench.py")
     parser.add_argument("--blocks", type=int, default=7, help="timed blocks per side")
     parser.add_argument("--steps", type=int, default=10, help="training steps per block")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per side first")

@@ -1,7 +1,8 @@
-"""Cost measurement: MAC counts against a hand derivation, throughput and the cost table.
+"""Cost measurement: MAC counts against a hand derivation, saved activations against sizes
+counted by hand, throughput and the cost table.
 
 The MAC oracles below walk ResNet-164 layer by layer from the architecture facts (REFERENCE.md
-sections 1 and 3) and apply the counting rule of attnbench.measure by hand, without fvcore,
+sections 1 and 3) and apply the counting rule of attnbench.costs by hand, without fvcore,
 so a wrong handle, a missed op or a module change shows up as an exact mismatch.
 """
 
@@ -15,9 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from attnbench import measure, registry
+from attnbench import costs, registry
 from attnbench.errors import UserError
-from attnbench.measure import cost_markdown, cost_table, count_macs, mac_analysis, measure_throughput
+from attnbench.costs import cost_markdown, cost_table, count_macs, mac_analysis, saved_activation_bytes
 from attnbench.models import build_model
 
 SEED_MODULES = ("none", "se", "cbam", "iebn", "spe")
@@ -60,12 +61,12 @@ def plain_bn(t: Tally, c: int, hw: int) -> None:
 
 
 def iebn(t: Tally, c: int, hw: int) -> None:
-    """Eval mode folds normalisation, gate and affine into x * scale + shift per channel."""
+    """BN(x) * (gamma * s) + beta, the BN without affine, s from x's own channel means."""
     t.reduction(c * hw)  # GAP of the raw input
     t.elementwise(3 * c)  # * w, + b, sigmoid
-    t.elementwise(4 * c)  # scale = gamma * s * rsqrt(running_var + eps)
-    t.elementwise(2 * c)  # shift = beta - running_mean * scale
-    t.elementwise(2 * c * hw)  # x * scale + shift
+    t.elementwise(c)  # gamma * s
+    t.bn(c, hw, affine=False)
+    t.elementwise(2 * c * hw)  # * (gamma * s), + beta
 
 
 def no_gate(t: Tally, c: int, hw: int) -> None:
@@ -205,7 +206,7 @@ def test_every_registered_module_is_fully_counted(module: str, caplog: pytest.Lo
 def test_fvcore_alone_would_warn(caplog: pytest.LogCaptureFixture) -> None:
     """The capture above sees fvcore's warnings: without our handles SE's gate is unsupported."""
     with caplog.at_level(logging.WARNING, logger="fvcore"):
-        measure.FlopCountAnalysis(build_model("se", 11, CLASSES).eval(), torch.zeros(1, 3, 32, 32)).total()
+        costs.FlopCountAnalysis(build_model("se", 11, CLASSES).eval(), torch.zeros(1, 3, 32, 32)).total()
     assert any("Unsupported operator aten::mul" in r.getMessage() for r in caplog.records)
 
 
@@ -229,109 +230,47 @@ def test_count_macs_checks_convention_and_keeps_mode() -> None:
     assert all(m.training for m in model.modules())
 
 
-@pytest.mark.parametrize("mode", ["train", "inference"])
-def test_throughput_reports_median_and_quartiles(mode: str) -> None:
-    model = build_model("spe", 11, CLASSES)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = measure_throughput(model, batch_size=8, mode=mode, warmup=1, repeats=4)
-    assert 0 < result["images_per_s_q1"] <= result["images_per_s"] <= result["images_per_s_q3"]
-    assert result["threads"] == torch.get_num_threads() and result["device"] == "cpu"
-    assert result["process_peak_rss_bytes"] > 0
-    if mode == "train":  # at least the weights, their gradients and SGD's momentum, in float32
-        assert result["peak_memory_bytes"] > 3 * 4 * sum(p.numel() for p in model.parameters())
-    else:
-        assert result["peak_memory_bytes"] is None
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # timed a copy
+def test_saved_bytes_of_a_small_net_are_its_saved_inputs_and_outputs() -> None:
+    """The conv keeps its input, the ReLU its output, the linear layer its input (a view of the
+    ReLU's output: the same storage, counted once); weights are the model's, left out."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    x = torch.randn(2, 3, 8, 8)
+    assert saved_activation_bytes(model, x) == 4 * (2 * 3 * 8 * 8 + 2 * 4 * 6 * 6)
 
 
-def test_allocation_peak_follows_allocations_and_frees_in_order() -> None:
-    older = [torch.empty(10_000)]  # made before the profile: its free is not subtracted
-    kept = []
-
-    def run() -> None:
-        older.clear()
-        a = torch.empty(1000)  # 4,000 bytes
-        b = torch.empty(2000)  # 12,000 held
-        del a  # 8,000
-        c = torch.empty(500, dtype=torch.float64)  # 12,000 again
-        del b, c  # 0
-        kept.append(torch.empty(250))  # 1,000, still held at the end
-
-    assert measure.allocation_peak(run) == 12_000
-    # the column's copy (12 bytes) is made while the whole (12,000) is still held
-    assert measure.allocation_peak(lambda: torch.empty(3, 1000)[:, 0].contiguous()) == 12_012
+def test_saved_bytes_of_se_are_its_formulas_activations() -> None:
+    """Over `none`, SE's multiply keeps the block's last norm output (which `none` frees after the
+    add), its first FC keeps the pooled means, the second the ReLU's output, the product the
+    sigmoid's output (the view a[:, :, None, None] shares its storage): per block and image,
+    C*H*W + C + C/16 + C floats. ResNet-11 has one bottleneck block a stage."""
+    batch = 4
+    x = torch.randn(batch, 3, 32, 32)
+    none, se = (saved_activation_bytes(build_model(m, 11, CLASSES), x) for m in ("none", "se"))
+    per_image = sum(c * hw + c + c // REDUCTION + c for c, hw in ((64, 32 * 32), (128, 16 * 16), (256, 8 * 8)))
+    assert se - none == 4 * batch * per_image
 
 
-def test_allocation_peak_sees_run_free_what_before_made() -> None:
-    """Measured from where run() starts: it frees before()'s 4,000 bytes, then holds 12,000."""
-    made: list[torch.Tensor] = []
-
-    def run() -> None:
-        made.clear()
-        made.append(torch.empty(3000))
-
-    assert measure.allocation_peak(run, before=lambda: made.append(torch.empty(1000))) == 8_000
+def test_saved_bytes_grow_by_the_same_amount_per_image_and_keep_the_mode() -> None:
+    """Activations scale with the batch; what does not (a batch norm's per-channel statistics)
+    stays: the count is affine in the batch size, exactly."""
+    model = build_model("spe", 11, CLASSES).eval()
+    sizes = [saved_activation_bytes(model, torch.randn(n, 3, 32, 32)) for n in (2, 4, 6)]
+    assert sizes[2] - sizes[1] == sizes[1] - sizes[0] > 0
+    assert not any(m.training for m in model.modules())
 
 
-def test_tensor_bytes_counts_a_shared_storage_once() -> None:
-    x = torch.empty(10, 100)
-    assert measure.tensor_bytes([x, x[2:], x.t(), torch.empty(7, dtype=torch.int64)]) == 4000 + 56
-
-
-def _cpu_timer(module: str, batch_size: int, mode: str = "train") -> measure._Timer:
-    return measure._Timer(build_model(module, 11, CLASSES), batch_size=batch_size, mode=mode,
-                          device=torch.device("cpu"), channels_last=True, amp=None, input_size=32)
-
-
-def _train_peak(module: str, batch_size: int, warm: bool = True) -> tuple[int, int]:
-    """The train-step peak of a ResNet-11 with `module` (after one warm-up step, if `warm`) and
-    the bytes of its weights, gradients, momentum and batch, counted here from the sizes alone."""
-    timer = _cpu_timer(module, batch_size)
-    if warm:
-        timer.block(1)
-    params = sum(p.numel() for p in timer.model.parameters())
-    buffers = sum(b.numel() * b.element_size() for b in timer.model.buffers())
-    state = 3 * 4 * params + buffers + batch_size * 3 * 32 * 32 * 4 + batch_size * 8
-    return timer.peak_memory(), state
-
-
-@pytest.mark.parametrize("module", ["none", "spe"])
-def test_train_peak_memory_is_the_models_own_and_scales_with_the_batch(module: str) -> None:
-    """Unlike the process's resident set, the peak belongs to one model: memory held elsewhere in
-    the process does not move it, and what the step itself allocates (activations, saved tensors,
-    the gates' buffers) doubles with the batch."""
-    peak, state = _train_peak(module, 8)
-    ballast = torch.ones(5_000_000)  # 20 MB held elsewhere
-    again, _ = _train_peak(module, 8)
-    del ballast
-    assert again == peak
-    doubled, state_doubled = _train_peak(module, 16)
-    step, step_doubled = peak - state, doubled - state_doubled
-    assert step > 0.5 * peak  # activations dominate a training step's memory even at batch 8
-    assert step_doubled / step == pytest.approx(2.0, rel=0.02)
-
-
-def test_train_peak_memory_counts_the_last_steps_gradients_once() -> None:
-    """A step frees the last step's gradients and makes new ones: whether a step ran before (the
-    gradients exist) or not, the peak is the same, neither short of the old ones nor counting them
-    after their free."""
-    assert _train_peak("spe", 8, warm=False) == _train_peak("spe", 8, warm=True)
-
-
-def test_train_peak_memory_refuses_an_inference_timer() -> None:
-    """It would run an SGD step and put the model back in train mode, under the inference timing."""
-    with pytest.raises(ValueError, match="inference"):
-        _cpu_timer("none", 2, mode="inference").peak_memory()
+def test_se_as_a_plain_plugin_costs_what_the_built_in_se_costs(plain_se: str) -> None:
+    table = cost_table(["se", plain_se], depth=11, batch_size=4, throughput=False).set_index("module")
+    columns = ["params", "macs_paper", "macs_full", "saved_bytes"]
+    assert table.loc["se", columns].tolist() == table.loc[plain_se, columns].tolist()
+    assert (table.loc["se", ["extra_" + c for c in columns]] > 0).all()
 
 
 def test_throughput_rejects_bad_settings() -> None:
-    model = build_model("none", 11, CLASSES)
-    with pytest.raises(UserError, match="mode"):
-        measure_throughput(model, mode="eval")
     with pytest.raises(UserError, match="--amp 'fp8' is not supported"):
-        measure_throughput(model, amp="fp8")
+        cost_table(["se"], depth=11, amp="fp8")
     with pytest.raises(UserError, match="needs a CUDA device"):  # the trainer's own check
-        measure_throughput(model, amp="bf16", device="cpu")
+        cost_table(["se"], depth=11, amp="bf16", device="cpu")
 
 
 def test_cost_table_rows_and_baseline() -> None:
@@ -339,10 +278,30 @@ def test_cost_table_rows_and_baseline() -> None:
     assert list(table["module"]) == ["none", "se", "spe"]  # baseline added, aliases merged
     row = table.set_index("module")
     assert row.loc["none", "train_step_rel_none"] == 1.0
-    assert (row[["extra_params", "extra_macs_paper", "extra_macs_full"]].loc["none"] == 0).all()
+    assert (row[["extra_params", "extra_macs_paper", "extra_macs_full", "extra_saved_bytes"]].loc["none"] == 0).all()
     assert row.loc["se", "extra_macs_paper"] > 0 and row.loc["spe", "extra_macs_paper"] == 0
-    assert (row["train_images_per_s"] > 0).all() and (row["infer_images_per_s"] > 0).all()
+    for column in ("train_images_per_s", "infer_images_per_s"):
+        assert (0 < row[column + "_q1"]).all() and (row[column + "_q1"] <= row[column]).all()
+        assert (row[column] <= row[column + "_q3"]).all()
+    assert "compiled_train_images_per_s" not in row and "cuda_peak_bytes" not in row
     assert table.attrs["threads"] == torch.get_num_threads()
+
+
+def test_cost_table_times_compiled_steps_beside_eager_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With compile, every module is also timed compiled, in the same interleaved rounds; its
+    ratio is to `none` compiled. (aot_eager here: inductor's code generation takes minutes.)"""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="aot_eager", **kw))
+    timed = []
+    time_interleaved = costs._time_interleaved
+    monkeypatch.setattr(costs, "_time_interleaved", lambda timers, **kw: timed.append(list(timers)) or
+                        time_interleaved(timers, **kw))
+    table = cost_table(["spe"], depth=11, batch_size=4, warmup=1, repeats=2, compile=True).set_index("module")
+    assert timed == [[("none", False), ("spe", False), ("none", True), ("spe", True)]] * 2  # train, then inference
+    assert table.loc["none", "compiled_train_step_rel_none"] == 1.0
+    assert (table[["compiled_train_images_per_s", "compiled_infer_images_per_s"]] > 0).all().all()
+    markdown = cost_markdown(table.reset_index(), "test")
+    assert "train img/s, compiled [IQR]" in markdown and "train step vs none, eager [IQR]" in markdown
 
 
 def test_cost_table_reports_the_spread_of_the_per_round_ratio(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -351,17 +310,18 @@ def test_cost_table_reports_the_spread_of_the_per_round_ratio(monkeypatch: pytes
     1.12, 1.00, 1.30, 1.04, 1.08, so median 1.08, quartiles 1.04 and 1.12."""
     none = [1.0, 2.0, 1.0, 3.0, 2.0]
     se = [t * r for t, r in zip(none, [1.12, 1.0, 1.3, 1.04, 1.08])]
-    monkeypatch.setattr(measure, "_time_interleaved", lambda timers, **_: {"none": none, "se": se})
+    monkeypatch.setattr(costs, "_time_interleaved", lambda timers, **_: {("none", False): none, ("se", False): se})
     table = cost_table(["se"], depth=11, batch_size=2, warmup=0, repeats=5).set_index("module")
     assert table.loc["se", ["train_step_rel_none_q1", "train_step_rel_none", "train_step_rel_none_q3"]].tolist() \
         == pytest.approx([1.04, 1.08, 1.12])
     assert table.loc["none", ["train_step_rel_none_q1", "train_step_rel_none_q3"]].tolist() == [1.0, 1.0]
     markdown = cost_markdown(table.reset_index(), "test")
-    assert "train step vs none [IQR]" in markdown and " 1.08x [1.04x, 1.12x] " in markdown
+    assert "train step vs none, eager [IQR]" in markdown and " 1.08x [1.04x, 1.12x] " in markdown
 
 
 def test_cost_table_without_throughput_has_counts_only() -> None:
     table = cost_table(["iebn"], depth=11, throughput=False)
     assert list(table.columns) == [
-        "module", "params", "macs_paper", "macs_full", "extra_params", "extra_macs_paper", "extra_macs_full",
+        "module", "params", "macs_paper", "macs_full", "saved_bytes",
+        "extra_params", "extra_macs_paper", "extra_macs_full", "extra_saved_bytes",
     ]

@@ -7,22 +7,15 @@ queued again, and a run whose worker died resumes from its checkpoint in another
 
 from __future__ import annotations
 
-import functools
 import os
 import platform
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
 
-import pandas as pd
-
-from attnbench import leaderboard
 from attnbench.config import RunConfig
 from attnbench.data import Splits, load_dataset
-from attnbench.files import write_text
-from attnbench.models import build_model, count_params
 from attnbench.storage import Heartbeat, RunStore, environment
 from attnbench.train import Diverged, Runtime, train
 
@@ -47,18 +40,6 @@ class SplitCache:
                                             val_split=cfg.val_split, seed=0, device=self.rt.device,
                                             size=cfg.train_size or None)
         return self.loaded[key]
-
-
-def run_attrs(cfg: RunConfig, splits: Splits, preset_name: str) -> dict[str, Any]:
-    """What the leaderboard needs about a run besides its config."""
-    return {"params": _params(cfg.module, cfg.options, cfg.depth, splits.num_classes, cfg.arch, cfg.block),
-            "preset": preset_name}
-
-
-@functools.lru_cache(maxsize=None)
-def _params(module: str, options: tuple, depth: int, num_classes: int, arch: str, block: str) -> int:
-    """Seeds and datasets of one module share a count: build each model once, not once per run."""
-    return count_params(build_model(module, depth, num_classes, arch, block, dict(options)))
 
 
 def worker_name(pid: int | None = None) -> str:
@@ -93,16 +74,8 @@ def work(store: RunStore, splits: SplitCache, rt: Runtime, checkpoint_dir: Path)
             failed += 1
             continue
         store.finish(trial_id, result.best_acc, {
-            "best_acc": result.best_acc, "best_epoch": result.best_epoch, "last_acc": result.last_acc,
+            "params": result.params, "best_acc": result.best_acc, "best_epoch": result.best_epoch, "last_acc": result.last_acc,
             "history": result.history, "seconds": time.perf_counter() - started,
         })
         print(f"{name}: complete, best {splits[cfg].eval_name} top-1 {result.best_acc:.2f}%", file=sys.stderr)
     return failed
-
-
-def write_outputs(runs: pd.DataFrame, results_dir: Path) -> str:
-    """Write runs.csv and leaderboard.md from the store's runs; returns the leaderboard."""
-    markdown = leaderboard.render(runs)
-    write_text(results_dir / "runs.csv", runs.to_csv(index=False))
-    write_text(results_dir / "leaderboard.md", markdown)
-    return markdown
