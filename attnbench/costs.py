@@ -191,15 +191,15 @@ def saved_activation_bytes(model: nn.Module, x: torch.Tensor,
     storage once, the model's parameters and buffers left out. Runs one forward pass, so batch
     norms' running statistics move as in a training step; the graph is dropped unused."""
     held = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    saved: dict[int, int] = {}
-    kept: list[torch.Tensor] = []  # alive until counted: no later storage can take a freed one's address
+    saved: dict[int, int] = {}  # by address: the graph keeps each saved storage alive, so none is reused
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         if storage.data_ptr() not in held:
             saved[storage.data_ptr()] = storage.nbytes()
-            kept.append(t)
-        return t
+        # Nothing here may hold a saved tensor with its grad_fn: the graph holds this hook, so that
+        # would be a reference cycle through C++ that no garbage collector frees.
+        return t.detach()
 
     with _in_mode(model, True), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
         model(x)
