@@ -1,16 +1,18 @@
-"""Shared fixtures: the real mini CIFAR-10 set beside the checkout, an isolated registry, SE written
-as a plugin, and a comparison of two training steps."""
+"""Shared fixtures: the real mini CIFAR-10 set beside the checkout, random images in memory, one
+torch thread, an isolated registry, the README's example module as a plugin, and a comparison of
+two training steps."""
 
 import os
+import re
 import signal
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 import torch
 
-from attnbench import registry
+from attnbench import data, registry
 
 # beside the checkout, as in the team's workspace; ATTNBENCH_MINI_CIFAR points elsewhere
 MINI_CIFAR = Path(os.environ.get("ATTNBENCH_MINI_CIFAR")
@@ -23,6 +25,24 @@ def mini_cifar_dir() -> Path:
     if not (MINI_CIFAR / "cifar-10-batches-py").is_dir():
         pytest.skip(f"the shared mini CIFAR-10 set is not at {MINI_CIFAR} (set ATTNBENCH_MINI_CIFAR)")
     return MINI_CIFAR
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Small work on two OpenMP threads next to a busy neighbour on a 2-core machine waits a
+    scheduler tick per op; one thread keeps such tests at seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def splits() -> data.Splits:
+    """1,024 random training images (the first 100 also the test set), already in memory."""
+    images = torch.randint(0, 256, (1024, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(1024) % 10
+    return data.Splits("t", 10, images, labels, images[:100], labels[:100], "test", data.CIFAR_MEAN, data.CIFAR_STD)
 
 
 def assert_trained_alike(got: tuple, want: tuple, *, grads_rel: float, buffers_rtol: float) -> None:
@@ -47,31 +67,18 @@ def clean_registry():
     registry._ALIASES.clear(); registry._ALIASES.update(saved[1])
 
 
-PLAIN_SE = '''
-from torch import nn
-from attnbench.registry import register
-
-@register("plain_se")
-class PlainSE(nn.Module):
-    """SE as a plugin author writes it."""
-    def __init__(self, channels, *, reduction: int = 16):
-        super().__init__()
-        self.fc1 = nn.Linear(channels, channels // reduction)
-        self.fc2 = nn.Linear(channels // reduction, channels)
-
-    def forward(self, x):
-        a = self.fc2(self.fc1(x.mean((2, 3))).relu()).sigmoid()
-        return x * a[:, :, None, None]
-'''
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture
 def plain_se(clean_registry, tmp_path) -> str:
-    """Registers SE written the plain way from a plugin file; returns its name."""
+    """Registers the README's example module, SE written as a plugin author writes it, from a
+    plugin file; returns its name."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     path = tmp_path / "plain_se.py"
-    path.write_text(PLAIN_SE)
+    path.write_text(next(b for b in blocks if "@register" in b))
     clean_registry.load_plugin(path)
-    return "plain_se"
+    return "my_se"
 
 
 def kill_a_worker_mid_trial(trials: Callable[[], list]) -> tuple:

@@ -10,8 +10,6 @@ interleaves them.
 from __future__ import annotations
 
 from itertools import count
-from typing import Iterator
-
 import pytest
 import torch
 from pytest_benchmark.fixture import BenchmarkFixture
@@ -23,23 +21,6 @@ from attnbench.train import Runtime, Stepper
 
 CPU = Runtime(device=torch.device("cpu"), progress=False)
 STAGES = {"stage1": (128, 64, 32, 32), "stage3": (128, 256, 8, 8)}  # ResNet-164's block outputs at batch 128
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Small work on two OpenMP threads next to a busy neighbour on a 2-core machine waits a
-    scheduler tick per op; one thread keeps these tests at seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def splits() -> data.Splits:
-    images = torch.randint(0, 256, (1024, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    labels = torch.arange(1024) % 10
-    return data.Splits("t", 10, images, labels, images[:100], labels[:100], "test", data.CIFAR_MEAN, data.CIFAR_STD)
 
 
 @pytest.mark.benchmark(group="train-step")

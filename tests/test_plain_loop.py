@@ -3,8 +3,6 @@ command prints both speeds, their ratio, and a warning when other processes took
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import plain_loop
 import pytest
 import torch
@@ -14,23 +12,6 @@ from attnbench.config import preset
 from attnbench.train import Runtime
 
 CPU = Runtime(device=torch.device("cpu"), progress=False)
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Small work on two OpenMP threads next to a busy neighbour on a 2-core machine waits a
-    scheduler tick per op; one thread keeps these tests at seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def splits() -> data.Splits:
-    images = torch.randint(0, 256, (1024, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    labels = torch.arange(1024) % 10
-    return data.Splits("t", 10, images, labels, images[:100], labels[:100], "test", data.CIFAR_MEAN, data.CIFAR_STD)
 
 
 def test_both_loops_train_and_are_timed(splits: data.Splits, one_thread: None) -> None:
