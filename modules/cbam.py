@@ -1,7 +1,6 @@
 """CBAM (Woo et al., "CBAM: Convolutional Block Attention Module", ECCV 2018)."""
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnbench.registry import register
@@ -28,9 +27,7 @@ class CBAM(nn.Module):
         nn.init.zeros_(self.spatial_bn.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        # As in the authors' code, the max pools keep their positions: the backward then hands the
-        # gradient to one element instead of comparing the whole input with the result again.
-        a = (self.mlp(x.mean((2, 3))) + self.mlp(F.adaptive_max_pool2d(x, 1).flatten(1))).sigmoid()
+        a = (self.mlp(x.mean((2, 3))) + self.mlp(x.amax((2, 3)))).sigmoid()
         x = x * a[:, :, None, None]
-        maps = torch.cat((x.max(1, keepdim=True).values, x.mean(1, keepdim=True)), dim=1)
+        maps = torch.cat((x.amax(1, keepdim=True), x.mean(1, keepdim=True)), dim=1)
         return x * self.spatial_bn(self.spatial_conv(maps)).sigmoid()

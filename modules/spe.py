@@ -4,7 +4,6 @@ Enhanced attention Module", MMM 2023)."""
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnbench.registry import register
@@ -44,10 +43,8 @@ class SelfAdaptivePooling(nn.Module):
         self.alpha = alpha
 
     def forward(self, x: Tensor) -> Tensor:
-        # As in the authors' code, max and min that keep their positions: the backward then hands the
-        # gradient to one element per channel instead of comparing all of x with the result again.
-        high = self.w2 * F.adaptive_max_pool2d(x, 1) + self.b2
-        low = self.w2 * x.min(3, keepdim=True).values.min(2, keepdim=True).values + self.b2
+        high = self.w2 * x.amax((2, 3), keepdim=True) + self.b2
+        low = self.w2 * x.amin((2, 3), keepdim=True) + self.b2
         p_sq = self.p * self.p
         p_hat = p_sq / p_sq.sum()
         mix = self.w1 * (p_hat[0] * high + p_hat[1] * low) + self.b1

@@ -103,9 +103,7 @@ def cbam(t: Tally, c: int, hw: int) -> None:
 
 
 def spe(t: Tally, c: int, hw: int) -> None:
-    t.reduction(c * hw)  # global max
-    t.reduction(c * hw)  # min over the width ...
-    t.reduction(c * math.isqrt(hw))  # ... then over the height
+    t.reduction(c * hw, results=2)  # global max and min
     t.elementwise(4 * c)  # M' = w2 M + b2, m' = w2 m + b2
     t.elementwise(2)  # p^2
     t.reduction(2)  # sum p^2
