@@ -410,10 +410,11 @@ def runtime_and_data(args: argparse.Namespace, amp: str, in_process: bool) -> tu
     the datasets: on that device where this process trains itself; else only checked, on the CPU,
     since workers in other processes load their own copy."""
     from attnbench.grid import SplitCache
-    from attnbench.train import Runtime, check_amp, resolve_device
+    from attnbench.train import Runtime, check_amp, check_compile, resolve_device
 
     device = resolve_device("cuda" if args.gpus else args.device)
     check_amp(amp, device)
+    check_compile(args.compile, device)
     rt = Runtime(device=device, compile=args.compile, channels_last=not args.no_channels_last, progress=args.progress)
     cpu = Runtime(device=torch.device("cpu"))
     return rt, SplitCache(args.data_dir, args.download, rt if in_process else cpu)

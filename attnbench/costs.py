@@ -63,7 +63,7 @@ from attnbench import registry
 from attnbench.config import preset
 from attnbench.errors import UserError
 from attnbench.models import build_model, count_params
-from attnbench.train import Runtime, Stepper, autocast_for, check_amp, resolve_device
+from attnbench.train import Runtime, Stepper, autocast_for, check_amp, check_compile, resolve_device
 
 with warnings.catch_warnings():  # fvcore scripts a helper at import, which torch 2.14 calls deprecated
     warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
@@ -329,6 +329,7 @@ def cost_table(
     """
     dev = resolve_device(str(device))  # before minutes of MAC counting, not after
     check_amp(amp or "", dev)
+    check_compile(compile, dev)
     names = list(dict.fromkeys(["none", *(registry.get(m).name for m in modules)]))
     opts = {registry.get(k).name: dict(v) for k, v in (options or {}).items()}
     models = {n: build_model(n, depth, num_classes, arch, block, opts.get(n)) for n in names}

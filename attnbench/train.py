@@ -10,6 +10,8 @@ and history, so a run killed at any point resumes to bit-identical weights on th
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -92,6 +94,14 @@ def check_amp(amp: str, device: torch.device) -> None:
         raise UserError(f"--amp {amp} needs a CUDA device, and this run is on {device}; drop --amp")
     if amp == "bf16" and not torch.cuda.is_bf16_supported():
         raise UserError("--amp bf16: this GPU has no bfloat16 support; use --amp fp16")
+
+
+def check_compile(compile: bool, device: torch.device) -> None:
+    """On the CPU torch.compile writes C++ and builds it with the system's compiler (CXX, else g++)."""
+    compiler = os.environ.get("CXX") or "g++"
+    if compile and device.type == "cpu" and shutil.which(compiler) is None:
+        raise UserError(f"--compile on the CPU needs a C++ compiler ({compiler}, or what CXX names), and there is "
+                        "none here; install one or drop --compile")
 
 
 def autocast_for(device: torch.device, amp: str) -> Callable[[], AbstractContextManager]:

@@ -233,6 +233,14 @@ def test_a_plugin_that_does_not_compile_trains_eager_and_compile_names_it(tmp_pa
     assert pd.read_csv(results / "runs.csv")["state"].tolist() == ["COMPLETE"]
 
 
+@pytest.mark.parametrize("job", [[], ["--measure-only"]], ids=["train", "measure"])
+def test_compile_on_the_cpu_without_a_cxx_compiler_is_one_line(tmp_path, results, capsys, monkeypatch, job):
+    monkeypatch.setenv("CXX", "no-such-c++")
+    one_line_error(capsys, run_cli(tmp_path, *job, "--compile", "--device", "cpu"),
+                   "--compile on the CPU needs a C++ compiler (no-such-c++", "drop --compile")
+    assert not list(results.iterdir())
+
+
 def test_measure_only_with_invalid_depth_is_the_training_error(tmp_path, results, capsys):
     one_line_error(capsys, run_cli(tmp_path, "--measure-only", "--depth", "10"), "depth 10 is not valid")
 
