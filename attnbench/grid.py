@@ -74,8 +74,8 @@ def work(store: RunStore, splits: SplitCache, rt: Runtime, checkpoint_dir: Path)
             failed += 1
             continue
         store.finish(trial_id, result.best_acc, {
-            "params": result.params, "best_acc": result.best_acc, "best_epoch": result.best_epoch, "last_acc": result.last_acc,
-            "history": result.history, "seconds": time.perf_counter() - started,
+            "params": result.params, "best_acc": result.best_acc, "best_epoch": result.best_epoch,
+            "last_acc": result.last_acc, "history": result.history, "seconds": time.perf_counter() - started,
         })
         print(f"{name}: complete, best {splits[cfg].eval_name} top-1 {result.best_acc:.2f}%", file=sys.stderr)
     return failed

@@ -18,7 +18,7 @@ def test_both_loops_train_and_are_timed(splits: data.Splits, one_thread: None) -
     cfg = preset("quick", depth=8, block="basic", batch_size=16)
     seen = []
     result = plain_loop.measure(cfg, splits, CPU, blocks=2, steps=2, warmup=1, workers=2,
-                           on_block=lambda *args: seen.append(args))
+                                on_block=lambda *args: seen.append(args))
     assert len(result.plain) == len(result.harness) == 2 and [b for b, *_ in seen] == [0, 1]
     assert min(result.plain + result.harness) > 0
 

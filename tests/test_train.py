@@ -99,7 +99,12 @@ def test_run_after_run_in_one_process_stays_compiled(monkeypatch):
     the trainer asks for, that is an error instead, so this fails unless Stepper.wrap clears the
     compiler's caches first."""
     compile_, asked = torch.compile, []
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: asked.append(kw) or compile_(model, backend="eager", **kw))
+
+    def compile(model, **kw):
+        asked.append(kw)
+        return compile_(model, backend="eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", compile)
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
     for module in ("none", "se", "spe"):
