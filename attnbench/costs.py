@@ -70,7 +70,6 @@ with warnings.catch_warnings():  # fvcore scripts a helper at import, which torc
     from fvcore.nn import FlopCountAnalysis
 
 CONVENTIONS = ("paper", "full")
-MODES = ("train", "inference")
 VARIANTS = {False: "", True: "compiled_"}  # compiled or not -> column prefix
 
 # Operator names (as fvcore's handles label them) that make up the papers' count.
@@ -215,9 +214,6 @@ class _Timer:
 
     def __init__(self, model: nn.Module, *, batch_size: int, mode: str, device: torch.device, channels_last: bool,
                  amp: str | None, compiled: bool, input_size: int):
-        if mode not in MODES:
-            raise UserError(f"unknown throughput mode '{mode}'; use one of: {', '.join(MODES)}")
-        check_amp(amp or "", device)
         self.device, self.mode, self.batch_size = device, mode, batch_size
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         # The trainer's own step (Stepper), so this times what trains.
@@ -229,12 +225,12 @@ class _Timer:
         gen = torch.Generator().manual_seed(0)
         self.x = torch.randn(batch_size, 3, input_size, input_size, generator=gen).to(device, memory_format=fmt)
         self.y = torch.randint(0, model.fc.out_features, (batch_size,), generator=gen).to(device)
+        self.stepper.model.train(mode == "train")
 
     def _train_step(self) -> None:
         self.stepper.run(((self.x, self.y),))
 
     def _inference_step(self) -> None:
-        self.stepper.model.eval()
         with torch.inference_mode(), self.stepper.autocast():
             self.stepper.forward(self.x)
 
