@@ -79,12 +79,19 @@ class RunConfig:
 
     def key(self) -> str:
         """Stable id of the run: the same config always gives the same key, across machines."""
-        return _digest(asdict(self))
+        return _digest(self._identity())
 
     def recipe_key(self) -> str:
         """Id of everything but module, options and seed: runs sharing it belong in one table."""
-        recipe = {k: v for k, v in asdict(self).items() if k not in ("module", "options", "variant", "seed")}
+        recipe = {k: v for k, v in self._identity().items() if k not in ("module", "options", "variant", "seed")}
         return _digest(recipe)
+
+    def _identity(self) -> dict[str, Any]:
+        """The values that change what the run computes: gamma only acts at a milestone."""
+        values = asdict(self)
+        if not self.milestones:
+            del values["gamma"]
+        return values
 
 
 def counted(n: int, noun: str) -> str:

@@ -24,10 +24,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from attnbench import checkpoints
 from attnbench.config import RunConfig
 from attnbench.data import Splits, eval_batches, train_batches
 from attnbench.errors import UserError
-from attnbench.files import write_atomic
 from attnbench.models import build_model, count_params
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -55,10 +55,6 @@ class RunResult:
     @property
     def best_acc(self) -> float:
         return max(h["eval_acc"] for h in self.history)
-
-    @property
-    def best_epoch(self) -> int:
-        return max(self.history, key=lambda h: h["eval_acc"])["epoch"]
 
     @property
     def last_acc(self) -> float:
@@ -206,8 +202,8 @@ def train(
     stepper = Stepper.build(cfg, splits.num_classes, rt)
     model, optimizer = stepper.model, stepper.optimizer
     result = RunResult(params=count_params(model))
-    if checkpoint is not None and checkpoint.exists():
-        state = load_checkpoint(checkpoint, cfg)
+    state = checkpoints.load(checkpoint, cfg.key()) if checkpoint is not None else None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         result.history = state["history"]
@@ -245,7 +241,7 @@ def train(
         if checkpoint is not None:
             state = {"key": cfg.key(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "history": result.history}
-            write_atomic(checkpoint, lambda tmp: torch.save(state, tmp))
+            checkpoints.save(checkpoint, state)
         if on_epoch is not None:
             on_epoch(record)
         line = (f"{name}: epoch {epoch + 1}/{cfg.epochs} loss {train_loss:.3f} train {record['train_acc']:.2f}% "
@@ -254,13 +250,3 @@ def train(
     epochs.close()
     return result
 
-
-def load_checkpoint(path: Path, cfg: RunConfig) -> dict:
-    """Read a checkpoint without running code from it (weights_only), and check it is this run's."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"checkpoint {path} cannot be read ({type(exc).__name__}); delete it to restart the run") from exc
-    if state.get("key") != cfg.key():
-        raise UserError(f"checkpoint {path} belongs to another run; delete it or use another --checkpoint-dir")
-    return state

@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from attnbench import checkpoints
 from attnbench.config import preset
 from attnbench.data import load_dataset
 from attnbench.train import Diverged, Runtime, Stepper, lr_at, train
@@ -18,8 +19,20 @@ def tiny():
     return cfg, load_dataset("synthetic", "unused", size=cfg.train_size)
 
 
-def final_weights(path):
-    return torch.load(path, weights_only=True)["model"]
+def final_weights(path, cfg):
+    return checkpoints.read(path, cfg.key())["model"]
+
+
+def stop_after(epoch):
+    """An on_epoch callback that interrupts the run once `epoch` (0-based) is checkpointed."""
+    def stop(record):
+        if record["epoch"] == epoch:
+            raise KeyboardInterrupt
+    return stop
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_lr_schedule_is_the_papers():
@@ -37,44 +50,91 @@ def test_recipe_line_reads_as_english():
     assert "[]" not in one.recipe_text
 
 
+def test_the_run_key_holds_only_what_changes_the_run():
+    """gamma acts only at a milestone: without milestones it changes nothing, so not the key."""
+    constant = preset("quick")
+    assert not constant.milestones
+    assert replace(constant, gamma=0.5).key() == constant.key()
+    assert replace(constant, gamma=0.5).recipe_key() == constant.recipe_key()
+    decayed = replace(constant, milestones=(1,))
+    assert replace(decayed, gamma=0.5).key() != decayed.key() != constant.key()
+    assert replace(constant, seed=1).key() != constant.key()
+
+
 def test_same_seed_gives_bit_identical_weights(tiny, tmp_path):
     cfg, splits = tiny
     train(cfg, splits, CPU, tmp_path / "a.pt")
     train(cfg, splits, CPU, tmp_path / "b.pt")
-    a, b = final_weights(tmp_path / "a.pt"), final_weights(tmp_path / "b.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = final_weights(tmp_path / "a.pt", cfg), final_weights(tmp_path / "b.pt", cfg)
+    assert same_weights(a, b)
     c = tmp_path / "c.pt"
     train(replace(cfg, seed=1), splits, CPU, c)
-    assert not torch.equal(final_weights(c)["fc.weight"], a["fc.weight"])
+    assert not torch.equal(final_weights(c, replace(cfg, seed=1))["fc.weight"], a["fc.weight"])
 
 
 def test_resume_after_interruption_gives_the_same_final_weights(tiny, tmp_path):
     cfg, splits = tiny
     whole = train(cfg, splits, CPU, tmp_path / "whole.pt")
 
-    def kill_after_first_epoch(record):
-        if record["epoch"] == 0:
-            raise KeyboardInterrupt
-
     ckpt = tmp_path / "killed.pt"
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, splits, CPU, ckpt, on_epoch=kill_after_first_epoch)
-    assert len(torch.load(ckpt, weights_only=True)["history"]) == 1
+        train(cfg, splits, CPU, ckpt, on_epoch=stop_after(0))
+    assert len(checkpoints.read(ckpt, cfg.key())["history"]) == 1
     seen = []
     resumed = train(cfg, splits, CPU, ckpt, on_epoch=seen.append)
     assert [r["epoch"] for r in seen] == [0, 1, 2]  # the restored epoch is re-reported, then two new ones
-    a, b = final_weights(tmp_path / "whole.pt"), final_weights(ckpt)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(final_weights(tmp_path / "whole.pt", cfg), final_weights(ckpt, cfg))
     assert [r["eval_acc"] for r in resumed.history] == [r["eval_acc"] for r in whole.history]
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_checkpoint_of_another_run_is_refused(tiny, tmp_path):
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the tensors' bytes, where torch.load notices nothing
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [truncate, flip_a_byte])
+@pytest.mark.parametrize("which, resumes_at", [("newest", 1), ("both", 0)])
+def test_a_damaged_checkpoint_is_moved_aside_and_the_run_still_ends_bit_identical(
+        tiny, tmp_path, capsys, damage, which, resumes_at):
+    """The newest file damaged: the run resumes from the previous epoch's file; both damaged: it
+    restarts from epoch 0. Either way it ends where an undisturbed run ends, and nothing raises
+    (a grid's attempt at the run is not used up)."""
+    cfg, splits = tiny
+    whole = train(cfg, splits, CPU, tmp_path / "whole.pt")
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, splits, CPU, ckpt, on_epoch=stop_after(1))
+    assert [len(checkpoints.read(p, cfg.key())["history"]) for p in (ckpt, checkpoints.previous(ckpt))] == [2, 1]
+    if damage is flip_a_byte:
+        assert len(torch.load(ckpt, weights_only=True)["history"]) == 2  # torch itself would load it
+    damaged = [ckpt] if which == "newest" else [ckpt, checkpoints.previous(ckpt)]
+    for path in damaged:
+        damage(path)
+    capsys.readouterr()
+    seen = []
+    resumed = train(cfg, splits, CPU, ckpt, on_epoch=seen.append)
+    assert len(seen) == 3 and [r["epoch"] for r in seen[resumes_at:]] == list(range(resumes_at, 3))
+    notices = [line for line in capsys.readouterr().err.splitlines() if "cannot be trusted" in line]
+    assert len(notices) == len(damaged)
+    assert len(list(tmp_path.glob("run.pt*.bad-*"))) == len(damaged)
+    assert same_weights(final_weights(tmp_path / "whole.pt", cfg), final_weights(ckpt, cfg))
+    assert [r["eval_acc"] for r in resumed.history] == [r["eval_acc"] for r in whole.history]
+
+
+def test_a_checkpoint_of_another_run_is_moved_aside_not_loaded(tiny, tmp_path, capsys):
     cfg, splits = tiny
     ckpt = tmp_path / "x.pt"
-    train(replace(cfg, epochs=1), splits, CPU, ckpt)
-    with pytest.raises(Exception, match="belongs to another run"):
-        train(replace(cfg, epochs=1, seed=5), splits, CPU, ckpt)
+    train(replace(cfg, epochs=1, seed=5), splits, CPU, ckpt)
+    fresh = train(replace(cfg, epochs=1), splits, CPU, ckpt)
+    assert "it belongs to another run" in capsys.readouterr().err
+    assert len(fresh.history) == 1
+    assert checkpoints.read(ckpt, replace(cfg, epochs=1).key())["history"] == fresh.history
 
 
 def test_exploding_loss_raises_diverged(tiny):
