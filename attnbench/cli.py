@@ -7,6 +7,7 @@ first file is written, so bad input costs one line on stderr, exit code 2, and n
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import replace
@@ -50,6 +51,16 @@ def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
+def _text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def _folder(text: str) -> Path:
+    return Path(_text(text))
+
+
 def _as_type_of(default: Any, text: str) -> Any:
     """An --opt value parsed as the type of the option's default (a bool from true/false)."""
     if isinstance(default, bool):
@@ -60,6 +71,7 @@ def _as_type_of(default: Any, text: str) -> Any:
 
 
 FIELD_TYPES = {"int": int, "float": float, "str": str, "tuple[int, ...]": _int_list}
+MAX_GRID = 1000  # runs a command queues without --large-grid: more is likelier a typo than a plan
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -98,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--plugin", action="append", default=[], metavar="FILE.py",
                       help="import a file that registers more modules (repeatable)")
     grid.add_argument("--list", action="store_true", help="list the registered modules and exit")
+    grid.add_argument("--large-grid", action="store_true", help=f"allow a grid of more than {MAX_GRID:,} runs")
+    grid.add_argument("--cancel-queued", action="store_true",
+                      help="train nothing: close the queued runs of this grid (the same arguments that queued it)")
 
     recipe = p.add_argument_group("recipe overrides (default: the preset's value)")
     for f in config_fields():
@@ -105,17 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
                             help=f.metadata["help"])
 
     where = p.add_argument_group("where and how")
-    where.add_argument("--data-dir", type=Path, default=Path("data"),
+    where.add_argument("--data-dir", type=_folder, default=Path("data"),
                        help="folder holding cifar-10-batches-py/ or cifar-100-python/")
     where.add_argument("--download", action="store_true", help="download missing CIFAR data into --data-dir")
-    where.add_argument("--results-dir", type=Path, default=Path("results"),
+    where.add_argument("--results-dir", type=_folder, default=Path("results"),
                        help="where runs.csv, leaderboard.md, checkpoints and the default storage go")
-    where.add_argument("--storage", default=None,
+    where.add_argument("--storage", type=_text, default=None,
                        help="an Optuna storage URL (e.g. postgresql://user@host/db) or a journal file path "
                             "(default: RESULTS_DIR/runs.journal)")
-    where.add_argument("--study", default="attnbench", help="name of the Optuna study holding the runs")
-    where.add_argument("--checkpoint-dir", type=Path, default=None, help="default: RESULTS_DIR/checkpoints")
-    where.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    where.add_argument("--study", type=_text, default="attnbench", help="name of the Optuna study holding the runs")
+    where.add_argument("--checkpoint-dir", type=_folder, default=None, help="default: RESULTS_DIR/checkpoints")
+    where.add_argument("--device", type=_text, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     where.add_argument("--compile", action="store_true",
                        help="torch.compile each model as one graph (minutes of compiling per model and shape; "
                             "with --measure-only, time compiled steps beside eager ones)")
@@ -134,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     costs.add_argument("--measure-repeats", type=int, default=10, help="timed blocks per module (0: counts only)")
 
     tuning = p.add_argument_group("tuning a module's initialisation (on a validation split)")
-    tuning.add_argument("--tune", metavar="MODULE", default=None,
+    tuning.add_argument("--tune", metavar="MODULE", type=_text, default=None,
                         help="tune the module's declared options with Optuna, e.g. --tune spe; then train "
                              "the best with --opt MODULE=tuned")
     tuning.add_argument("--trials", type=int, default=50, help="finished trials the tuning study should hold")
@@ -172,21 +187,38 @@ def parse_options(items: list[str], modules: list[str]) -> tuple[dict[str, dict[
         spec.check_options({name: None})
         default = spec.defaults[name]
         try:
-            options.setdefault(spec.name, {})[name] = _as_type_of(default, value)
+            parsed = _as_type_of(default, value)
         except ValueError:
             raise UserError(f"--opt '{item}': {name} takes a {type(default).__name__}, like its default "
                             f"{default!r}") from None
+        if isinstance(parsed, float) and not math.isfinite(parsed):
+            raise UserError(f"--opt '{item}': {name} must be a finite number")
+        options.setdefault(spec.name, {})[name] = parsed
     return options, tuned
+
+
+RECIPE_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {  # nan fails every comparison
+    "epochs": (lambda v: v >= 1, "at least 1"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "test_batch_size": (lambda v: v >= 1, "at least 1"),
+    "train_size": (lambda v: v >= 0, "0 (all images) or more"),
+    "val_split": (lambda v: v >= 0, "0 (no hold-out) or more"),
+    "lr": (lambda v: 0 < v < math.inf, "a finite number above 0"),
+    "momentum": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, "a finite number, 0 or more"),
+    "gamma": (lambda v: 0 < v <= 1, "above 0 and at most 1"),
+}
 
 
 def check_recipe(cfg: RunConfig) -> None:
     """Values no run can use, caught before anything is written."""
-    for name in ("epochs", "batch_size", "test_batch_size"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
-    for name in ("lr", "momentum", "weight_decay", "gamma", "train_size", "val_split"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must not be negative")
+    for name, (valid, what) in RECIPE_RANGES.items():
+        if not valid(getattr(cfg, name)):
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {what}")
+    if list(cfg.milestones) != sorted(set(cfg.milestones)) or not all(0 < m < cfg.epochs for m in cfg.milestones):
+        given = ",".join(map(str, cfg.milestones))
+        raise UserError(f"--milestones {given}: need increasing epochs between 1 and {cfg.epochs - 1} (--epochs "
+                        f"{cfg.epochs}), e.g. 81,122; an empty --milestones '' keeps lr constant")
     blocks_per_stage(cfg.depth, cfg.block)
     if cfg.arch not in ("resnet", "preresnet"):
         raise UserError(f"unknown --arch '{cfg.arch}'; use resnet or preresnet")
@@ -201,7 +233,7 @@ def check_builds(cfg: RunConfig, compile: bool) -> None:
     except UserError:
         raise
     except Exception as exc:
-        raise UserError(f"module '{cfg.label}' cannot be built with options {cfg.module_options}: "
+        raise UserError(f"module '{cfg.module}' cannot be built with options {cfg.module_options}: "
                         f"{type(exc).__name__}: {exc}") from None
     if compile:
         torch.compiler.reset()
@@ -237,6 +269,8 @@ def plan(args: argparse.Namespace, tuned: Callable[[str, str], dict[str, Any]]) 
     overrides = {f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name) is not None}
     base = preset(args.preset, **overrides)
     check_recipe(base)
+    if args.datasets == []:
+        raise UserError("--datasets is empty; pass e.g. --datasets cifar10,cifar100")
     datasets = list(dict.fromkeys(args.datasets or [base.dataset]))
     for d in datasets:
         if d not in DATASETS:
@@ -244,6 +278,13 @@ def plan(args: argparse.Namespace, tuned: Callable[[str, str], dict[str, Any]]) 
     seeds = list(dict.fromkeys(args.seeds))
     if not seeds:
         raise UserError("--seeds is empty; pass e.g. --seeds 0,1,2")
+    if not all(0 <= s < 2**32 for s in seeds):
+        raise UserError(f"--seeds {next(s for s in seeds if not 0 <= s < 2**32)}: a seed is an integer from 0 "
+                        "to 2**32-1")
+    if len(modules) * len(datasets) * len(seeds) > MAX_GRID and not args.large_grid:
+        raise UserError(f"the grid has {len(modules) * len(datasets) * len(seeds):,} runs ({len(modules)} modules x "
+                        f"{len(datasets)} datasets x {len(seeds)} seeds), more than {MAX_GRID:,}: check --seeds, "
+                        "or pass --large-grid if you mean it")
     options, tuned_modules = parse_options(args.opt, modules)
     configs = []
     for d in datasets:
@@ -272,13 +313,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     # Imported here so that --help and --list need no optuna import.
     from attnbench import tune
+    from attnbench.files import check_writable
     from attnbench.grid import work
     from attnbench.leaderboard import write_outputs
     from attnbench.storage import NoStorage, RunStore, open_storage, storage_url
     from attnbench.workers import WorkerSettings, launch, require_slurm, submit_slurm
 
     jobs = [flag for flag, given in (("--list", args.list), ("--leaderboard-only", args.leaderboard_only),
-                                     ("--tune", args.tune), ("--measure-only", args.measure_only)) if given]
+                                     ("--tune", args.tune), ("--measure-only", args.measure_only),
+                                     ("--cancel-queued", args.cancel_queued)) if given]
     if len(jobs) > 1:
         raise UserError(f"{' and '.join(jobs)} are separate jobs; give one of them")
     torch.set_num_threads(cpu_threads(args.threads, 1))  # this process's share, when it trains itself
@@ -287,8 +330,7 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         print(list_modules())
         return 0
-    if args.results_dir.exists() and not args.results_dir.is_dir():
-        raise UserError(f"--results-dir {args.results_dir} is a file; give a folder (it is created if missing)")
+    check_writable(args.results_dir, "--results-dir")
     if args.leaderboard_only:
         store = RunStore(open_storage(args.storage, args.results_dir, must_exist=True), args.study, create=False)
         print(write_outputs(store.runs(), args.results_dir))
@@ -307,26 +349,32 @@ def run(args: argparse.Namespace) -> int:
         return tune.best_options(storage, module, dataset)
 
     configs, _ = plan(args, tuned_options)
+    keys = {cfg.key() for cfg in configs}
     slots = worker_slots(args)
     if args.slurm:
+        if args.slurm_time < 1 or args.slurm_gpus < 0:
+            raise UserError(f"--slurm-time {args.slurm_time} --slurm-gpus {args.slurm_gpus}: need at least 1 minute "
+                            "and 0 or more GPUs")
         require_slurm()
     in_process = slots == [None] and not args.slurm
     rt, splits = runtime_and_data(args, configs[0].amp, in_process)
     for cfg in configs:
         splits[cfg]  # each dataset checked (or loaded, to train here) before anything is written
-    store = RunStore(open_storage(args.storage, args.results_dir), args.study)
-    counts = store.enqueue(configs, {"preset": args.preset})
+    checkpoint_dir = args.checkpoint_dir or args.results_dir / "checkpoints"
+    check_writable(checkpoint_dir, "--checkpoint-dir")
+    store = RunStore(open_storage(args.storage, args.results_dir), args.study)  # the last check, the first write
+    if args.cancel_queued:
+        print(f"cancelled {counted(store.cancel(keys), 'queued run')} of this grid", file=sys.stderr)
+        return 0
+    status = store.enqueue(configs, {"preset": args.preset})
     if not args.modules:  # after every check, so that bad input stays one line
         print("no --modules given: the grid is the 'none' baseline alone (--list shows the modules)", file=sys.stderr)
-    print(f"{counted(len(configs), 'run')} in the grid: " + ", ".join(f"{n} {what}" for what, n in counts.items()),
-          file=sys.stderr)
-    checkpoint_dir = args.checkpoint_dir or args.results_dir / "checkpoints"
+    print(grid_summary(configs, status, checkpoint_dir), file=sys.stderr)
     settings = WorkerSettings(
         storage=storage_url(args.storage, args.results_dir), results_dir=args.results_dir, study=args.study,
         checkpoint_dir=checkpoint_dir, data_dir=args.data_dir, download=args.download,
         device=str(rt.device), compile=args.compile, channels_last=not args.no_channels_last,
-        threads=cpu_threads(args.threads, len(slots)),
-        plugins=tuple(args.plugin))
+        threads=cpu_threads(args.threads, len(slots)), keys=frozenset(keys), plugins=tuple(args.plugin))
     if args.slurm:
         jobs = submit_slurm(settings, len(slots), partition=args.slurm_partition,
                             minutes=args.slurm_time, gpus=args.slurm_gpus, folder=args.results_dir / "slurm")
@@ -334,17 +382,34 @@ def run(args: argparse.Namespace) -> int:
               "run the same command with --leaderboard-only", file=sys.stderr)
         return 0
     if in_process:
-        work(store, splits, rt, checkpoint_dir)
+        work(store, keys, splits, rt, checkpoint_dir)
     else:
         launch(settings, store, slots)
     runs = store.runs()
     print(write_outputs(runs, args.results_dir))
     print(f"wrote {args.results_dir / 'leaderboard.md'} and {args.results_dir / 'runs.csv'}", file=sys.stderr)
-    mine = runs[runs["run_key"].isin({c.key() for c in configs})]
-    unfinished = set(mine["run_key"]) - set(mine.loc[mine["state"] == "COMPLETE", "run_key"])
-    if unfinished:
-        print(f"{len(unfinished)} run(s) did not complete; see fail_reason in runs.csv", file=sys.stderr)
-    return 1 if unfinished else 0
+    mine = runs[runs["run_key"].isin(keys)]
+    failed = keys - set(mine.loc[mine["state"] == "COMPLETE", "run_key"])
+    if failed:
+        print(f"{counted(len(failed), 'run')} of this grid did not complete; see fail_reason in runs.csv",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def grid_summary(configs: list[RunConfig], status: dict[str, str], checkpoint_dir: Path) -> str:
+    """What the command is about to do: '12 runs in the grid: 4 complete, 6 to train here
+    (2 resume from a checkpoint), 2 running in other workers'."""
+    from attnbench.checkpoints import previous
+
+    def saved(cfg: RunConfig) -> bool:
+        path = checkpoint_dir / f"{cfg.key()}.pt"
+        return path.exists() or previous(path).exists()
+
+    complete = sum(status[c.key()] == "complete" for c in configs)
+    running = sum(status[c.key()] == "running" for c in configs)
+    to_train = [c for c in configs if status[c.key()] in ("queued", "newly queued")]
+    return (f"{counted(len(configs), 'run')} in the grid: {complete} complete, {len(to_train)} to train "
+            f"({sum(map(saved, to_train))} resume from a checkpoint), {running} running in other workers")
 
 
 def run_measure(args: argparse.Namespace) -> int:
@@ -353,6 +418,9 @@ def run_measure(args: argparse.Namespace) -> int:
     from attnbench.files import write_text
     from attnbench.train import resolve_device
 
+    if args.measure_batch < 1 or args.measure_repeats < 0:
+        raise UserError(f"--measure-batch {args.measure_batch} --measure-repeats {args.measure_repeats}: the batch "
+                        "needs at least 1 image, and repeats are 0 (counts only) or more")
     configs, datasets = plan(args, lambda m, d: {})
     base = configs[0]
     modules = list(dict.fromkeys(c.module for c in configs))
@@ -409,12 +477,15 @@ def runtime_and_data(args: argparse.Namespace, amp: str, in_process: bool) -> tu
     """The Runtime the runs train with (its device CUDA with --gpus, checked against --amp), and
     the datasets: on that device where this process trains itself; else only checked, on the CPU,
     since workers in other processes load their own copy."""
+    from attnbench.files import check_writable
     from attnbench.grid import SplitCache
     from attnbench.train import Runtime, check_amp, check_compile, resolve_device
 
     device = resolve_device("cuda" if args.gpus else args.device)
     check_amp(amp, device)
     check_compile(args.compile, device)
+    if args.download:
+        check_writable(args.data_dir, "--data-dir")
     rt = Runtime(device=device, compile=args.compile, channels_last=not args.no_channels_last, progress=args.progress)
     cpu = Runtime(device=torch.device("cpu"))
     return rt, SplitCache(args.data_dir, args.download, rt if in_process else cpu)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from pathlib import Path
 from typing import Callable
+
+from attnbench.errors import UserError
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -23,3 +26,21 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 def write_text(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Fail now, in one line, where `folder` could not take our files later: a file stands in its
+    place, or we may not write there. A probe file created and removed at once asks the system
+    itself, which alone knows about read-only mounts, ACLs and root."""
+    existing = folder
+    while not existing.exists():  # a folder not made yet: the first ancestor that is must take it
+        existing = existing.parent
+    if not existing.is_dir():
+        where = f"{flag} {folder}" + (f": {existing}" if existing != folder else "")
+        raise UserError(f"{where} is a file, not a folder; give a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".attnbench-probe-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"{flag} {folder}: cannot write in {existing} ({exc.strerror}); "
+                        "give a folder you can write to") from None

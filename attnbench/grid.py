@@ -1,8 +1,9 @@
 """The grid: every (module, dataset, seed) of one recipe, run exactly once, results in the store.
 
 The launcher queues the runs that are not yet done; then one worker (this process) or several
-(attnbench.workers) take runs from the queue until it is empty. Runs already complete are never
-queued again, and a run whose worker died resumes from its checkpoint in another worker.
+(attnbench.workers) take the grid's runs from the queue, and only those, until none of them is
+queued or running. Runs already complete are never queued again, and a run whose worker died
+resumes from its checkpoint in another worker.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from attnbench.config import RunConfig
 from attnbench.data import Splits, load_dataset
-from attnbench.storage import Heartbeat, RunStore, environment
+from attnbench.storage import POLL_SECONDS, Heartbeat, RunStore, environment
 from attnbench.train import Diverged, Runtime, train
 
 
@@ -48,10 +49,19 @@ def worker_name(pid: int | None = None) -> str:
     return f"{platform.node()}:{os.getpid() if pid is None else pid}"
 
 
-def work(store: RunStore, splits: SplitCache, rt: Runtime, checkpoint_dir: Path) -> int:
-    """Take runs from the queue until it is empty; returns how many failed."""
+def work(store: RunStore, keys: set[str], splits: SplitCache, rt: Runtime, checkpoint_dir: Path,
+         poll: float = POLL_SECONDS) -> int:
+    """Train the queued runs of the grid `keys` until none of it is queued or running (a run
+    another worker holds may come back to the queue when that worker dies); returns how many of
+    this worker's runs failed."""
     failed, me = 0, worker_name()
-    while (claimed := store.claim(me)) is not None:
+    while True:
+        claimed = store.claim(me, keys)
+        if claimed is None:
+            if not store.unfinished(keys):
+                return failed
+            time.sleep(poll)
+            continue
         trial_id, cfg = claimed
         name = f"{cfg.label} on {cfg.dataset}, seed {cfg.seed}"
         store.set_attrs(trial_id, {"env": environment(rt.device)})
@@ -74,8 +84,7 @@ def work(store: RunStore, splits: SplitCache, rt: Runtime, checkpoint_dir: Path)
             failed += 1
             continue
         store.finish(trial_id, result.best_acc, {
-            "params": result.params, "best_acc": result.best_acc, "best_epoch": result.best_epoch,
+            "params": result.params, "best_acc": result.best_acc,
             "last_acc": result.last_acc, "history": result.history, "seconds": time.perf_counter() - started,
         })
         print(f"{name}: complete, best {splits[cfg].eval_name} top-1 {result.best_acc:.2f}%", file=sys.stderr)
-    return failed

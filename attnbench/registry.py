@@ -185,13 +185,21 @@ def load_plugin(path: str | Path) -> None:
         raise UserError(f"plugin file {path} is not a Python module; pass a .py file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
+    before = set(_REGISTRY)
     try:
         spec.loader.exec_module(module)
     except UserError:
         raise
+    except SystemExit as exc:  # a script's sys.exit() would end the whole command, silently
+        del sys.modules[module_name]
+        raise UserError(f"plugin file {path} called sys.exit({exc.code!r}) while importing; "
+                        "a plugin only defines and registers modules") from None
     except Exception as exc:
         del sys.modules[module_name]
         raise UserError(f"plugin file {path} failed to import: {type(exc).__name__}: {exc}") from exc
+    if set(_REGISTRY) == before:
+        raise UserError(f"plugin file {path} registered no module; decorate its class with "
+                        "@register(\"name\") from attnbench.registry")
 
 
 def get(name: str) -> ModuleSpec:

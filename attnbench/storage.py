@@ -9,6 +9,11 @@ is the one trial parameter.
 
 The grid is a queue: each run to do is a WAITING trial, and a worker claims one by moving it to
 RUNNING, which Optuna makes atomic in every storage (the journal file and the databases alike).
+A worker claims only runs of its own command's grid (given as run keys), so runs that another
+command queued and abandoned stay queued for that command, never trained by surprise. Two
+commands that queue the same run at once leave two WAITING trials of one key: the trial with the
+lower number is the run, and a claimed copy is closed as PRUNED, a duplicate, which no table
+counts.
 Optuna's own heartbeats exist only for database storages, so workers keep a lease of their own
 instead, the same for every storage: a RUNNING trial's `heartbeat` attribute is refreshed while
 it trains, and a trial whose lease has expired, or whose worker the launcher saw die, is closed as
@@ -17,6 +22,7 @@ FAIL and queued again, to resume from its checkpoint in whichever worker claims 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import platform
 import subprocess
@@ -35,10 +41,13 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from attnbench.config import RunConfig
 from attnbench.errors import UserError
+from attnbench.files import check_writable
 
 STUDY = "attnbench"
 LEASE_SECONDS = 300.0  # a worker silent this long is taken for dead; it beats every LEASE_SECONDS / 10
 MAX_ATTEMPTS = 3  # a run whose workers keep dying is not queued again after this many
+POLL_SECONDS = 5.0  # how often a worker with nothing to claim looks whether its grid's other runs ended
+CANCELLED = "cancelled with --cancel-queued"
 
 RUN_COLUMNS = ["module", "dataset", "seed", "state", "best_acc", "best_epoch", "last_acc", "epochs", "params",
                "recipe", "recipe_text", "preset", "run_key", "trial", "seconds", "fail_reason", "worker",
@@ -65,11 +74,22 @@ def open_storage(url: str | None, results_dir: Path, must_exist: bool = False) -
                             else f"{path} is a folder, where the runs' journal file goes; move it away")
         if must_exist and not path.is_file():
             raise NoStorage(f"no storage at {path}: nothing has run there yet; check --results-dir or --storage")
-        if not url:  # the default place: the results folder is ours to create
-            results_dir.mkdir(parents=True, exist_ok=True)
-        if not path.parent.is_dir():
+        if url and not path.parent.is_dir():
             raise UserError(f"storage folder {path.parent} does not exist; create it or pass another --storage")
-        return JournalStorage(JournalFileBackend(str(path)))
+        if not must_exist:
+            check_writable(path.parent, "--storage" if url else "--results-dir")
+            path.parent.mkdir(parents=True, exist_ok=True)  # only the default's: an explicit one exists
+            try:
+                open(path, "ab").close()  # appending nothing: a probe that changes no byte
+            except OSError as exc:
+                raise UserError(f"--storage {path}: cannot write it ({exc.strerror}); "
+                                "give a file you can write") from None
+        try:
+            return JournalStorage(JournalFileBackend(str(path), lock_obj=FlockLock(str(path))))
+        except ValueError as exc:  # a line that is not JSON: another program's file
+            raise UserError(f"--storage {path} cannot be read as Optuna's journal ({type(exc).__name__}: {exc}); "
+                            "check --storage and --results-dir") from None
+    check_database_url(url)
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
     except ImportError as exc:
@@ -79,6 +99,54 @@ def open_storage(url: str | None, results_dir: Path, must_exist: bool = False) -
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"--storage {url} is unreachable: {reason}") from None
+
+
+def check_database_url(url: str) -> None:
+    """A URL SQLAlchemy cannot parse, or of a kind of database it does not know, is named as such,
+    not by the int() or plugin error deep inside it."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        make_url(url).get_dialect()
+    except Exception:
+        raise UserError(f"--storage {url} is not a database URL SQLAlchemy knows; a valid one looks like "
+                        "postgresql://user:password@host:5432/dbname or sqlite:///path/runs.db") from None
+
+
+class FlockLock:
+    """The journal's writer lock (Optuna's lock_obj: acquire and release), held by flock(2) on a
+    file beside the journal. The kernel drops it when its holder dies, so a killed worker leaves
+    no stale lock (Optuna's lock files make the next writer wait 30 s); and whoever holds it first
+    cuts off a line that a writer killed mid-write left unfinished, which Optuna would otherwise
+    glue to the next line and then refuse to read."""
+
+    def __init__(self, journal: str):
+        self.journal, self.path = journal, journal + ".flock"
+        self.held = threading.local()  # threads of a process each lock through their own descriptor
+
+    def acquire(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self.held.fd = fd
+        _cut_unfinished_line(self.journal)
+        return True
+
+    def release(self) -> None:
+        fd, self.held.fd = self.held.fd, None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _cut_unfinished_line(path: str) -> None:
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)  # only after a crash: read it all and cut after the last whole line
+        f.truncate(f.read().rfind(b"\n") + 1)
 
 
 def storage_url(url: str | None, results_dir: Path) -> str:
@@ -108,14 +176,13 @@ class RunStore:
     def __init__(self, storage: optuna.storages.BaseStorage, study_name: str = STUDY, lease: float = LEASE_SECONDS,
                  create: bool = True):
         self.storage = storage
-        if create:
+        try:  # loaded first: creating a study that exists would still append to a journal
+            self.study = optuna.load_study(study_name=study_name, storage=storage)
+        except KeyError:
+            if not create:
+                raise UserError(f"the storage holds no study '{study_name}'; check --study") from None
             self.study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
                                              load_if_exists=True)
-        else:
-            try:
-                self.study = optuna.load_study(study_name=study_name, storage=storage)
-            except KeyError:
-                raise UserError(f"the storage holds no study '{study_name}'; check --study") from None
         self.lease = lease
         self.study_id = storage.get_study_id_from_name(study_name)
 
@@ -128,9 +195,10 @@ class RunStore:
     def _keys(self, states: tuple[TrialState, ...]) -> set[str]:
         return {t.user_attrs["run_key"] for t in self._runs(states)}
 
-    def enqueue(self, configs: list[RunConfig], attrs: dict[str, Any]) -> dict[str, int]:
+    def enqueue(self, configs: list[RunConfig], attrs: dict[str, Any]) -> dict[str, str]:
         """Queue the runs that are neither complete, nor queued, nor running, each with `attrs`
-        beside its config's own; count each kind."""
+        beside its config's own; returns each run key's status: complete, running, queued or
+        newly queued."""
         self.reclaim_expired()
         states = {TrialState.COMPLETE: "complete", TrialState.RUNNING: "running", TrialState.WAITING: "queued"}
         found: dict[str, str] = {}
@@ -138,14 +206,11 @@ class RunStore:
             key = t.user_attrs["run_key"]
             if found.get(key) != "complete":
                 found[key] = states[t.state]
-        counts = {"complete": 0, "running": 0, "queued": 0, "newly queued": 0}
         for cfg in configs:
-            status = found.get(cfg.key())
-            if status is None:
+            if cfg.key() not in found:
                 self._add_waiting(cfg.seed, dict(attrs, **cfg.attrs()))
-                status = found[cfg.key()] = "newly queued"
-            counts[status] += 1
-        return counts
+                found[cfg.key()] = "newly queued"
+        return {cfg.key(): found[cfg.key()] for cfg in configs}
 
     def _add_waiting(self, seed: int, user_attrs: dict[str, Any]) -> None:
         # A one-point distribution fixes the value; integer ranges may differ between trials.
@@ -153,24 +218,50 @@ class RunStore:
                                           distributions={"seed": IntDistribution(seed, seed)},
                                           user_attrs=user_attrs))
 
-    def claim(self, worker: str) -> tuple[int, RunConfig] | None:
-        """Take one queued run for `worker`, or None when the queue is empty."""
+    def _take(self, trial_id: int) -> bool:
+        """Move a WAITING trial to RUNNING; False where another process took or closed it first."""
+        try:
+            return self.storage.set_trial_state_values(trial_id, TrialState.RUNNING)
+        except UpdateFinishedTrialError:
+            return False
+
+    def _close(self, trial_id: int, why: str, reason: str) -> None:
+        """Close a taken trial as PRUNED, which no table counts: a duplicate or a cancelled run."""
+        self.set_attrs(trial_id, {"closed": why, "fail_reason": reason})
+        self.storage.set_trial_state_values(trial_id, TrialState.PRUNED)
+
+    def claim(self, worker: str, keys: set[str]) -> tuple[int, RunConfig] | None:
+        """Take one queued run of the grid `keys` for `worker`, or None when none is queued."""
         self.reclaim_expired()
         for t in self._runs((TrialState.WAITING,)):
-            trial_id = self._id(t)
-            try:
-                if not self.storage.set_trial_state_values(trial_id, TrialState.RUNNING):
-                    continue
-                self.storage.set_trial_user_attr(trial_id, "worker", worker)
-                self.beat(trial_id)
-            except UpdateFinishedTrialError:
-                continue  # closed by another process between our read and our claim
             key = t.user_attrs["run_key"]
-            if sum(o.user_attrs["run_key"] == key for o in self._runs((TrialState.COMPLETE, TrialState.RUNNING))) > 1:
-                self.fail(trial_id, "duplicate: the run is done or running elsewhere")
+            if key not in keys or not self._take(trial_id := self._id(t)):
                 continue
+            first = next((o.number for o in self._runs((TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))
+                          if o.user_attrs["run_key"] == key and o.number != t.number
+                          and (o.state == TrialState.COMPLETE or o.number < t.number)), None)
+            if first is not None:  # queued twice by commands racing: the lower trial number is the run
+                self._close(trial_id, "duplicate", f"duplicate of trial {first}")
+                continue
+            self.set_attrs(trial_id, {"worker": worker, "heartbeat": time.time()})
             return trial_id, RunConfig.from_attrs(t.user_attrs["config"])
         return None
+
+    def cancel(self, keys: set[str]) -> int:
+        """Close the queued runs of the grid `keys` without training them; returns how many."""
+        cancelled = 0
+        for t in self._runs((TrialState.WAITING,)):
+            if t.user_attrs["run_key"] in keys and self._take(trial_id := self._id(t)):
+                self._close(trial_id, "cancelled", CANCELLED)
+                cancelled += 1
+        return cancelled
+
+    def unfinished(self, keys: set[str]) -> set[str]:
+        """The runs of the grid `keys` still queued or running, here or in other workers."""
+        trials = [t for t in self._runs() if t.user_attrs["run_key"] in keys]
+        complete = {t.user_attrs["run_key"] for t in trials if t.state == TrialState.COMPLETE}
+        return {t.user_attrs["run_key"] for t in trials
+                if t.state in (TrialState.WAITING, TrialState.RUNNING)} - complete
 
     def beat(self, trial_id: int) -> None:
         self.storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
@@ -217,24 +308,29 @@ class RunStore:
                 self.fail(self._id(t), f"worker {worker} stopped beating (lease {self.lease:g}s expired)",
                           retry=True)
 
-    def pending(self) -> int:
-        return len(self._runs((TrialState.WAITING,)))
-
     def runs(self) -> pd.DataFrame:
-        """One row per attempt at a run."""
+        """One row per attempt at a run (duplicates left out); a cancelled run's state is CANCELLED.
+        best_epoch counts from 1, as the logs do."""
         rows = []
         for t in self._runs():
             a = t.user_attrs
+            closed = a.get("closed")
+            if closed == "duplicate":
+                continue
+            scores = [t.intermediate_values[e] for e in sorted(t.intermediate_values)]
+            complete = t.state == TrialState.COMPLETE
             rows.append({
                 "module": a["label"], "dataset": a["dataset"], "seed": t.params.get("seed"),
-                "state": t.state.name, "best_acc": a.get("best_acc"), "best_epoch": a.get("best_epoch"),
-                "last_acc": a.get("last_acc"), "epochs": len(t.intermediate_values), "params": a.get("params"),
+                "state": closed.upper() if closed else t.state.name, "best_acc": a.get("best_acc"),
+                "best_epoch": 1 + scores.index(max(scores)) if complete and scores else None,
+                "last_acc": a.get("last_acc"), "epochs": len(scores), "params": a.get("params"),
                 "recipe": a["recipe"], "recipe_text": a["recipe_text"], "preset": a.get("preset"),
                 "run_key": a["run_key"], "trial": t.number, "seconds": a.get("seconds"),
                 "fail_reason": a.get("fail_reason", ""), "worker": a.get("worker"),
                 "device": a.get("env", {}).get("device"), "git": a.get("env", {}).get("git"),
             })
-        return pd.DataFrame(rows, columns=RUN_COLUMNS)
+        frame = pd.DataFrame(rows, columns=RUN_COLUMNS)
+        return frame.astype({c: "Int64" for c in ("seed", "best_epoch", "epochs", "params", "trial")})
 
 
 def close_as_failed(storage: optuna.storages.BaseStorage, trial_id: int, reason: str) -> bool:

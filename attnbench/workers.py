@@ -45,18 +45,20 @@ class WorkerSettings:
     compile: bool
     channels_last: bool
     threads: int
+    keys: frozenset[str]  # the grid's run keys: a worker trains these and nothing else
     plugins: tuple[str, ...] = field(default=())
 
 
 def worker_main(settings: WorkerSettings) -> int:
-    """One worker: take runs until the queue is empty; returns how many failed."""
+    """One worker: train the grid's queued runs until it is done; returns how many failed."""
     torch.set_num_threads(settings.threads)
     for path in settings.plugins:
         registry.load_plugin(path)
     rt = Runtime(device=torch.device(settings.device), compile=settings.compile,
                  channels_last=settings.channels_last, progress=False)
     store = RunStore(open_storage(settings.storage, settings.results_dir), settings.study)
-    return work(store, SplitCache(settings.data_dir, settings.download, rt), rt, settings.checkpoint_dir)
+    return work(store, set(settings.keys), SplitCache(settings.data_dir, settings.download, rt), rt,
+                settings.checkpoint_dir)
 
 
 def _process_main(settings: WorkerSettings) -> None:
@@ -72,7 +74,7 @@ def launch(settings: WorkerSettings, store: RunStore, slots: list[str | None], p
         print(f"worker {proc.pid} died (exit code {proc.exitcode}); requeued {held} run(s)", file=sys.stderr)
 
     supervise([functools.partial(spawn, _process_main, (settings,), slot) for slot in slots], release,
-              lambda: store.pending() > 0, poll)
+              lambda: bool(store.unfinished(set(settings.keys))), poll)
 
 
 def spawn(target: Callable, args: tuple, slot: str | None = None) -> mp.Process:

@@ -19,6 +19,8 @@ class CBAM(nn.Module):
 
     def __init__(self, channels: int, *, reduction: int = 16):
         super().__init__()
+        if not 1 <= reduction <= channels:
+            raise ValueError(f"reduction must be between 1 and the channel count {channels}, not {reduction}")
         hidden = channels // reduction
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, channels))
         self.spatial_conv = nn.Conv2d(2, 1, 7, padding=3, bias=False)

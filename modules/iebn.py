@@ -17,6 +17,8 @@ class IEBatchNorm2d(nn.BatchNorm2d):
     """
 
     def __init__(self, channels: int, *, eps: float = 1e-5, momentum: float = 0.1):
+        if not (eps > 0 and 0 <= momentum <= 1):
+            raise ValueError(f"eps must be positive and momentum within [0, 1], not {eps} and {momentum}")
         super().__init__(channels, eps=eps, momentum=momentum, affine=False)
         shape = (1, channels, 1, 1)
         self.gamma = nn.Parameter(torch.ones(shape))

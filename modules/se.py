@@ -15,6 +15,8 @@ class SqueezeExcite(nn.Module):
 
     def __init__(self, channels: int, *, reduction: int = 16):
         super().__init__()
+        if not 1 <= reduction <= channels:
+            raise ValueError(f"reduction must be between 1 and the channel count {channels}, not {reduction}")
         self.fc1 = nn.Linear(channels, channels // reduction)
         self.fc2 = nn.Linear(channels // reduction, channels)
 

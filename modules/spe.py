@@ -34,6 +34,9 @@ class SelfAdaptivePooling(nn.Module):
 
     def __init__(self, channels: int, *, p0: float = 0.5, p1: float = 0.5, alpha: float = 0.1):
         super().__init__()
+        if p0 == p1 == 0 or alpha < 0:
+            raise ValueError(f"p0 and p1 must not both be 0 (the mix is p^2 / |p|^2) and alpha must not be "
+                             f"negative; got p0={p0}, p1={p1}, alpha={alpha}")
         shape = (1, channels, 1, 1)
         self.w1 = nn.Parameter(torch.zeros(shape))
         self.b1 = nn.Parameter(torch.full(shape, -1.0))
