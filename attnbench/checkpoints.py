@@ -29,6 +29,11 @@ def previous(path: Path) -> Path:
     return path.with_name(path.name + ".prev")
 
 
+def finish(path: Path) -> None:
+    """A finished run keeps its last checkpoint (its weights) and no previous one."""
+    previous(path).unlink(missing_ok=True)
+
+
 def save(path: Path, state: dict[str, Any]) -> None:
     """Write `state` with its checksum; the file it replaces becomes the previous one."""
     buffer = io.BytesIO()
@@ -41,14 +46,18 @@ def save(path: Path, state: dict[str, Any]) -> None:
 
 def load(path: Path, key: str) -> dict[str, Any] | None:
     """The newest of the checkpoint and its previous one that passes its checks and belongs to
-    run `key`, or None (start from epoch 0). Each file that fails is moved aside with a notice."""
+    run `key`, or None (start from epoch 0). Each file that fails is moved aside with a notice;
+    temporary files a killed writer left are removed (one worker holds a run at a time)."""
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        leftover.unlink(missing_ok=True)
     for candidate in (path, previous(path)):
         if not candidate.exists():
             continue
         try:
             return read(candidate, key)
         except Untrusted as exc:
-            aside = candidate.with_name(f"{candidate.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}")
+            stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}"  # unique even within a second
+            aside = candidate.with_name(f"{candidate.name}.bad-{stamp}")
             os.replace(candidate, aside)
             print(f"warning: checkpoint {candidate} cannot be trusted ({exc}); moved it aside to {aside.name}",
                   file=sys.stderr)

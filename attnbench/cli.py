@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from tabulate import tabulate
+from torch import Tensor, nn
 
 from attnbench import registry
 from attnbench.config import PRESETS, RunConfig, config_fields, counted, preset
@@ -61,6 +62,13 @@ def _folder(text: str) -> Path:
     return Path(_text(text))
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+    return value
+
+
 def _as_type_of(default: Any, text: str) -> Any:
     """An --opt value parsed as the type of the option's default (a bool from true/false)."""
     if isinstance(default, bool):
@@ -70,7 +78,7 @@ def _as_type_of(default: Any, text: str) -> Any:
     return text if default is None else type(default)(text)
 
 
-FIELD_TYPES = {"int": int, "float": float, "str": str, "tuple[int, ...]": _int_list}
+FIELD_TYPES = {"int": int, "float": _finite, "str": str, "tuple[int, ...]": _int_list}
 MAX_GRID = 1000  # runs a command queues without --large-grid: more is likelier a typo than a plan
 
 
@@ -98,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     grid = p.add_argument_group("what to run")
-    grid.add_argument("--modules", type=_names, default=[], help="comma-separated module names (see --list)")
+    grid.add_argument("--modules", type=_names, default=None, help="comma-separated module names (see --list)")
     grid.add_argument("--no-baseline", action="store_true", help="do not add the 'none' baseline to the grid")
     grid.add_argument("--datasets", type=_names, default=None,
                       help=f"comma-separated, from {', '.join(DATASETS)} (default: the preset's)")
@@ -217,6 +225,9 @@ def check_recipe(cfg: RunConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {what}")
     if list(cfg.milestones) != sorted(set(cfg.milestones)) or not all(0 < m < cfg.epochs for m in cfg.milestones):
         given = ",".join(map(str, cfg.milestones))
+        if cfg.epochs < 2:
+            raise UserError(f"--milestones {given}: --epochs {cfg.epochs} has no later epoch to decay the lr at; "
+                            "pass --milestones '' to keep it constant")
         raise UserError(f"--milestones {given}: need increasing epochs between 1 and {cfg.epochs - 1} (--epochs "
                         f"{cfg.epochs}), e.g. 81,122; an empty --milestones '' keeps lr constant")
     blocks_per_stage(cfg.depth, cfg.block)
@@ -225,24 +236,48 @@ def check_recipe(cfg: RunConfig) -> None:
 
 
 def check_builds(cfg: RunConfig, compile: bool) -> None:
-    """Build the run's model at the smallest depth, so that a bad option value is one line now, not
-    a traceback later; with `compile`, also trace its training step as one graph, so that a module
-    torch.compile cannot take whole is named now, with the op it stopped at."""
+    """Build the run's model at the smallest depth and run it on two images, so that a bad option
+    value or a module that breaks the block (a gate returning another shape) is one line now, not
+    a traceback after a run started; with `compile`, also trace its training step as one graph, so
+    that a module torch.compile cannot take whole is named now, with the op it stopped at."""
     try:
         model = build_model(cfg.module, 2 + LAYERS_PER_BLOCK[cfg.block], 10, cfg.arch, cfg.block, cfg.module_options)
     except UserError:
         raise
     except Exception as exc:
         raise UserError(f"module '{cfg.module}' cannot be built with options {cfg.module_options}: "
-                        f"{type(exc).__name__}: {exc}") from None
+                        f"{_first_line(exc)}") from None
+    cls = registry.get(cfg.module).cls
+
+    def same_shape(layer: nn.Module, inputs: tuple, output: Any) -> None:
+        if not isinstance(output, Tensor) or output.shape != inputs[0].shape:
+            got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+            raise UserError(f"module '{cfg.module}': forward(x) must return a tensor of x's shape "
+                            f"{tuple(inputs[0].shape)}, and returned {got}")
+
+    hooks = [m.register_forward_hook(same_shape) for m in model.modules() if isinstance(m, cls)]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, 3, 32, 32))
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"module '{cfg.module}' fails in the forward pass: {_first_line(exc)}") from None
+    for hook in hooks:
+        hook.remove()
     if compile:
         torch.compiler.reset()
         try:  # aot_eager traces forward and backward as the real compile does, without generating code
             torch.compile(model, backend="aot_eager", fullgraph=True)(torch.zeros(2, 3, 32, 32)).sum().backward()
         except Exception as exc:
-            reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-            raise UserError(f"--compile: module '{cfg.label}' does not compile as one graph ({reason}); "
+            raise UserError(f"--compile: module '{cfg.label}' does not compile as one graph ({_first_line(exc)}); "
                             "run it without --compile") from None
+
+
+def _first_line(exc: Exception) -> str:
+    """An exception as one line: its type and its message's first non-empty line."""
+    line = next((text.strip() for text in str(exc).splitlines() if text.strip()), "")
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
 def list_modules() -> str:
@@ -260,7 +295,9 @@ def list_modules() -> str:
 def plan(args: argparse.Namespace, tuned: Callable[[str, str], dict[str, Any]]) -> tuple[list[RunConfig], list[str]]:
     """The grid of run configs the arguments ask for, checked; raises UserError on bad input.
     `tuned(module, dataset)` gives the best options of the module's tuning study."""
-    modules = [registry.get(m).name for m in args.modules]
+    if args.modules == []:
+        raise UserError("--modules is empty; pass e.g. --modules se,spe (the 'none' baseline joins by itself)")
+    modules = [registry.get(m).name for m in args.modules or []]
     if not args.no_baseline and "none" not in modules:
         modules.insert(0, "none")
     if not modules:
@@ -282,8 +319,9 @@ def plan(args: argparse.Namespace, tuned: Callable[[str, str], dict[str, Any]]) 
         raise UserError(f"--seeds {next(s for s in seeds if not 0 <= s < 2**32)}: a seed is an integer from 0 "
                         "to 2**32-1")
     if len(modules) * len(datasets) * len(seeds) > MAX_GRID and not args.large_grid:
-        raise UserError(f"the grid has {len(modules) * len(datasets) * len(seeds):,} runs ({len(modules)} modules x "
-                        f"{len(datasets)} datasets x {len(seeds)} seeds), more than {MAX_GRID:,}: check --seeds, "
+        raise UserError(f"the grid has {len(modules) * len(datasets) * len(seeds):,} runs "
+                        f"({counted(len(modules), 'module')} x {counted(len(datasets), 'dataset')} x "
+                        f"{counted(len(seeds), 'seed')}), more than {MAX_GRID:,}: check --seeds, "
                         "or pass --large-grid if you mean it")
     options, tuned_modules = parse_options(args.opt, modules)
     configs = []
@@ -316,7 +354,7 @@ def run(args: argparse.Namespace) -> int:
     from attnbench.files import check_writable
     from attnbench.grid import work
     from attnbench.leaderboard import write_outputs
-    from attnbench.storage import NoStorage, RunStore, open_storage, storage_url
+    from attnbench.storage import NoStorage, RunStore, check_storage, open_storage, storage_url
     from attnbench.workers import WorkerSettings, launch, require_slurm, submit_slurm
 
     jobs = [flag for flag, given in (("--list", args.list), ("--leaderboard-only", args.leaderboard_only),
@@ -350,24 +388,24 @@ def run(args: argparse.Namespace) -> int:
 
     configs, _ = plan(args, tuned_options)
     keys = {cfg.key() for cfg in configs}
+    if args.cancel_queued:
+        return cancel_queued(args, keys)
     slots = worker_slots(args)
     if args.slurm:
         if args.slurm_time < 1 or args.slurm_gpus < 0:
             raise UserError(f"--slurm-time {args.slurm_time} --slurm-gpus {args.slurm_gpus}: need at least 1 minute "
                             "and 0 or more GPUs")
         require_slurm()
+    checkpoint_dir = args.checkpoint_dir or args.results_dir / "checkpoints"
+    check_writable(checkpoint_dir, "--checkpoint-dir")
+    check_storage(args.storage, args.results_dir)
     in_process = slots == [None] and not args.slurm
     rt, splits = runtime_and_data(args, configs[0].amp, in_process)
     for cfg in configs:
-        splits[cfg]  # each dataset checked (or loaded, to train here) before anything is written
-    checkpoint_dir = args.checkpoint_dir or args.results_dir / "checkpoints"
-    check_writable(checkpoint_dir, "--checkpoint-dir")
-    store = RunStore(open_storage(args.storage, args.results_dir), args.study)  # the last check, the first write
-    if args.cancel_queued:
-        print(f"cancelled {counted(store.cancel(keys), 'queued run')} of this grid", file=sys.stderr)
-        return 0
+        splits[cfg]  # each dataset checked (or downloaded, or loaded to train here)
+    store = RunStore(open_storage(args.storage, args.results_dir), args.study)  # the first write
     status = store.enqueue(configs, {"preset": args.preset})
-    if not args.modules:  # after every check, so that bad input stays one line
+    if args.modules is None:  # after every check, so that bad input stays one line
         print("no --modules given: the grid is the 'none' baseline alone (--list shows the modules)", file=sys.stderr)
     print(grid_summary(configs, status, checkpoint_dir), file=sys.stderr)
     settings = WorkerSettings(
@@ -394,6 +432,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"{counted(len(failed), 'run')} of this grid did not complete; see fail_reason in runs.csv",
               file=sys.stderr)
     return 1 if failed else 0
+
+
+def cancel_queued(args: argparse.Namespace, keys: set[str]) -> int:
+    """Close the grid's queued runs; where nothing ever ran, there is nothing to close or write."""
+    from attnbench.leaderboard import write_outputs
+    from attnbench.storage import NoStorage, RunStore, open_storage
+
+    try:
+        store = RunStore(open_storage(args.storage, args.results_dir, must_exist=True), args.study, create=False)
+    except NoStorage as exc:
+        print(f"cancelled 0 queued runs: {exc}", file=sys.stderr)
+        return 0
+    cancelled = store.cancel(keys)
+    running = len(store.unfinished(keys))
+    print(write_outputs(store.runs(), args.results_dir))
+    print(f"cancelled {counted(cancelled, 'queued run')} of this grid" + (
+        f"; {running} running in other workers, left to finish" if running else ""), file=sys.stderr)
+    return 0
 
 
 def grid_summary(configs: list[RunConfig], status: dict[str, str], checkpoint_dir: Path) -> str:
@@ -484,6 +540,8 @@ def runtime_and_data(args: argparse.Namespace, amp: str, in_process: bool) -> tu
     device = resolve_device("cuda" if args.gpus else args.device)
     check_amp(amp, device)
     check_compile(args.compile, device)
+    if args.data_dir.is_file():
+        raise UserError(f"--data-dir {args.data_dir} is a file; give the folder holding cifar-10-batches-py/")
     if args.download:
         check_writable(args.data_dir, "--data-dir")
     rt = Runtime(device=device, compile=args.compile, channels_last=not args.no_channels_last, progress=args.progress)

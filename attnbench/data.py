@@ -28,6 +28,7 @@ DATASETS = ("cifar10", "cifar100", "synthetic")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 _PAD = 4  # the papers' RandomCrop(32, padding=4)
+SYNTHETIC_MAX = 50_000  # training images the synthetic set makes at most: CIFAR's count
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,11 @@ def load_dataset(name: str, data_dir: str | Path, *, download: bool = False, val
     if name not in DATASETS:
         raise UserError(f"unknown dataset '{name}'; available: {', '.join(DATASETS)}")
     if size is not None and size < 1:
-        raise UserError(f"size must be at least 1, got {size}")
+        raise UserError(f"--train-size must be at least 1, got {size}")
     if name == "synthetic":
+        if size is not None and size > SYNTHETIC_MAX:
+            raise UserError(f"--train-size {size}: the synthetic set makes at most {SYNTHETIC_MAX:,} training "
+                            "images, as many as CIFAR's")
         (train_x, train_y), test = _synthetic(size or 5000, stream=0), _synthetic(1000, stream=1)
         num_classes = 10
     else:
@@ -114,12 +118,12 @@ def load_dataset(name: str, data_dir: str | Path, *, download: bool = False, val
         num_classes = release.num_classes
         if size is not None:
             if size > len(train_x):
-                raise UserError(f"size {size} is more than the {len(train_x)} training images of {name}")
+                raise UserError(f"--train-size {size} is more than the {len(train_x)} training images of {name}")
             train_x, train_y = train_x[:size], train_y[:size]
     eval_name, (eval_x, eval_y) = "test", test
     if val_split:
         if not 0 < val_split < len(train_x):
-            raise UserError(f"val_split must be between 1 and {len(train_x) - 1} "
+            raise UserError(f"--val-split must be between 1 and {len(train_x) - 1} "
                             f"(there are {len(train_x)} training images), got {val_split}")
         order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
         held, kept = order[:val_split], order[val_split:].sort().values

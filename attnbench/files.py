@@ -33,12 +33,14 @@ def check_writable(folder: Path, flag: str) -> None:
     place, or we may not write there. A probe file created and removed at once asks the system
     itself, which alone knows about read-only mounts, ACLs and root."""
     existing = folder
-    while not existing.exists():  # a folder not made yet: the first ancestor that is must take it
+    while not os.path.lexists(existing):  # a folder not made yet: the first ancestor that is must take it
         existing = existing.parent
-    if not existing.is_dir():
-        where = f"{flag} {folder}" + (f": {existing}" if existing != folder else "")
-        raise UserError(f"{where} is a file, not a folder; give a folder")
+    where = f"{flag} {folder}" + (f": {existing}" if existing != folder else "")
     try:
+        if existing.is_symlink() and not existing.exists():
+            raise UserError(f"{where} is a broken link (to {os.readlink(existing)}); remove it or give another folder")
+        if not existing.is_dir():
+            raise UserError(f"{where} is a file, not a folder; give a folder")
         with tempfile.TemporaryFile(dir=existing, prefix=".attnbench-probe-"):
             pass
     except OSError as exc:

@@ -50,15 +50,16 @@ def worker_name(pid: int | None = None) -> str:
 
 
 def work(store: RunStore, keys: set[str], splits: SplitCache, rt: Runtime, checkpoint_dir: Path,
-         poll: float = POLL_SECONDS) -> int:
-    """Train the queued runs of the grid `keys` until none of it is queued or running (a run
-    another worker holds may come back to the queue when that worker dies); returns how many of
-    this worker's runs failed."""
+         wait: bool = True, poll: float = POLL_SECONDS) -> int:
+    """Train the queued runs of the grid `keys`; returns how many of this worker's runs failed.
+    With `wait`, go on until none of the grid is queued or running (a run another worker holds
+    comes back to the queue if that worker dies), so that the command ends with its grid; without,
+    stop when nothing is left to claim (a Slurm job should not idle on its GPU)."""
     failed, me = 0, worker_name()
     while True:
         claimed = store.claim(me, keys)
         if claimed is None:
-            if not store.unfinished(keys):
+            if not wait or not store.unfinished(keys):
                 return failed
             time.sleep(poll)
             continue

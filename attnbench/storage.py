@@ -23,6 +23,7 @@ FAIL and queued again, to resume from its checkpoint in whichever worker claims 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import platform
 import subprocess
@@ -47,6 +48,7 @@ STUDY = "attnbench"
 LEASE_SECONDS = 300.0  # a worker silent this long is taken for dead; it beats every LEASE_SECONDS / 10
 MAX_ATTEMPTS = 3  # a run whose workers keep dying is not queued again after this many
 POLL_SECONDS = 5.0  # how often a worker with nothing to claim looks whether its grid's other runs ended
+CLAIM_SECONDS = 30.0  # a claim names its worker within milliseconds: one that has not by now was cut short
 CANCELLED = "cancelled with --cancel-queued"
 
 RUN_COLUMNS = ["module", "dataset", "seed", "state", "best_acc", "best_epoch", "last_acc", "epochs", "params",
@@ -60,15 +62,24 @@ class NoStorage(UserError):
     """open_storage(must_exist=True) found no journal file: nothing has run there yet."""
 
 
-def open_storage(url: str | None, results_dir: Path, must_exist: bool = False) -> optuna.storages.BaseStorage:
-    """The default is a journal file under results/: embedded, and safe for several processes.
-    With `must_exist`, a journal file that is not there is an error (NoStorage) rather than a new
-    file."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
+def journal_path(url: str | None, results_dir: Path) -> Path | None:
+    """The journal file a storage argument names (the default: results/runs.journal), or None
+    for a database URL."""
+    if url is not None and "://" in url:
+        return None
+    return Path(url) if url else results_dir / "runs.journal"
 
-    if url is None or "://" not in url:
-        path = Path(url) if url else results_dir / "runs.journal"
+
+def check_storage(url: str | None, results_dir: Path, must_exist: bool = False) -> None:
+    """Everything open_storage needs, checked without writing a byte, so that a command can check
+    its storage before it writes anything else (downloads included). With `must_exist`, a journal
+    or SQLite file that is not there is NoStorage."""
+    path = journal_path(url, results_dir)
+    flag = "--storage" if url else "--results-dir"
+    if path is None:
+        _check_database(url, must_exist)
+        return
+    try:
         if path.is_dir():
             raise UserError(f"--storage {path} is a folder; give a file in it, e.g. {path / 'runs.journal'}" if url
                             else f"{path} is a folder, where the runs' journal file goes; move it away")
@@ -77,40 +88,95 @@ def open_storage(url: str | None, results_dir: Path, must_exist: bool = False) -
         if url and not path.parent.is_dir():
             raise UserError(f"storage folder {path.parent} does not exist; create it or pass another --storage")
         if not must_exist:
-            check_writable(path.parent, "--storage" if url else "--results-dir")
-            path.parent.mkdir(parents=True, exist_ok=True)  # only the default's: an explicit one exists
-            try:
+            check_writable(path.parent, flag)
+            if path.exists():
                 open(path, "ab").close()  # appending nothing: a probe that changes no byte
-            except OSError as exc:
-                raise UserError(f"--storage {path}: cannot write it ({exc.strerror}); "
-                                "give a file you can write") from None
+        if path.exists():
+            _check_journal_file(path)
+    except OSError as exc:
+        raise UserError(f"{flag} {path}: {exc.strerror}; give a file you can read and write") from None
+
+
+def _check_journal_file(path: Path) -> None:
+    """Refuse a file that is not a journal before Optuna appends to it (or, its last line having no
+    newline, FlockLock cuts that line off): someone's notes, passed as --storage by mistake."""
+    with open(path, "rb") as f:
+        first = f.readline(1 << 20)
+    if not first:
+        return
+    if first.endswith(b"\n"):
         try:
-            return JournalStorage(JournalFileBackend(str(path), lock_obj=FlockLock(str(path))))
-        except ValueError as exc:  # a line that is not JSON: another program's file
-            raise UserError(f"--storage {path} cannot be read as Optuna's journal ({type(exc).__name__}: {exc}); "
-                            "check --storage and --results-dir") from None
-    check_database_url(url)
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-    except ImportError as exc:
-        missing = getattr(exc.__cause__, "name", None) or exc.name or "a database driver"
-        raise UserError(f"--storage {url}: the database driver is missing ({missing}); install it, "
-                        "e.g. pip install 'attnbench[postgres]' for PostgreSQL") from None
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"--storage {url} is unreachable: {reason}") from None
+            entry = json.loads(first)
+        except ValueError:
+            entry = None
+        journal = isinstance(entry, dict) and "op_code" in entry
+    else:  # a journal whose first write was cut short
+        journal = first.startswith(b'{"op_code"')
+    if not journal:
+        raise UserError(f"--storage {path} is not an Optuna journal (its first line is no journal entry); "
+                        "name a new file, or the journal of earlier runs")
 
 
-def check_database_url(url: str) -> None:
-    """A URL SQLAlchemy cannot parse, or of a kind of database it does not know, is named as such,
-    not by the int() or plugin error deep inside it."""
+def _check_database(url: str, must_exist: bool) -> None:
+    """The URL parses, names a database SQLAlchemy knows, and answers; an SQLite file is only
+    looked for, since connecting would create it."""
+    from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
 
     try:
-        make_url(url).get_dialect()
+        parsed = make_url(url)
+        parsed.get_dialect()
     except Exception:
         raise UserError(f"--storage {url} is not a database URL SQLAlchemy knows; a valid one looks like "
                         "postgresql://user:password@host:5432/dbname or sqlite:///path/runs.db") from None
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database in (None, "", ":memory:"):
+            raise UserError(f"--storage {url} is an in-memory database, gone when the command ends, and "
+                            "workers could not share it; name a file: sqlite:///path/runs.db")
+        database = Path(parsed.database)
+        if must_exist and not database.is_file():
+            raise NoStorage(f"no storage at {database}: nothing has run there yet; check --storage")
+        if not database.parent.is_dir():
+            raise UserError(f"storage folder {database.parent} does not exist; create it or pass another --storage")
+        if not must_exist:
+            check_writable(database.parent, "--storage")
+        return
+    try:
+        engine = create_engine(url)
+        engine.connect().close()
+        engine.dispose()
+    except ImportError as exc:
+        missing = getattr(exc.__cause__, "name", None) or exc.name or "a database driver"
+        extra = " (pip install 'attnbench[postgres]')" if parsed.get_backend_name() == "postgresql" else ""
+        raise UserError(f"--storage {url}: the database driver is missing ({missing}); install it{extra}") from None
+    except Exception as exc:
+        raise UserError(f"--storage {url} is unreachable: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+def open_storage(url: str | None, results_dir: Path, must_exist: bool = False) -> optuna.storages.BaseStorage:
+    """The storage a command's runs go to, checked first (check_storage). The default is a journal
+    file under results/: embedded, and safe for several processes; a database URL (PostgreSQL)
+    serves many machines."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    check_storage(url, results_dir, must_exist)
+    path = journal_path(url, results_dir)
+    if path is None:
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except Exception as exc:
+            raise UserError(f"--storage {url} is unreachable: {_first_line(exc)}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)  # only the default's: an explicit one exists
+    try:
+        return JournalStorage(JournalFileBackend(str(path), lock_obj=FlockLock(str(path))))
+    except ValueError as exc:  # a later line that is not JSON: a damaged journal
+        raise UserError(f"--storage {path} cannot be read as Optuna's journal ({type(exc).__name__}: {exc}); "
+                        "check --storage and --results-dir") from None
 
 
 class FlockLock:
@@ -118,7 +184,9 @@ class FlockLock:
     file beside the journal. The kernel drops it when its holder dies, so a killed worker leaves
     no stale lock (Optuna's lock files make the next writer wait 30 s); and whoever holds it first
     cuts off a line that a writer killed mid-write left unfinished, which Optuna would otherwise
-    glue to the next line and then refuse to read."""
+    glue to the next line and then refuse to read. flock works on local disks and NFSv4 (Lustre
+    needs its flock mount option); every process writing one journal must use this lock, so older
+    attnbench versions must not share a journal with this one. A database storage needs none of it."""
 
     def __init__(self, journal: str):
         self.journal, self.path = journal, journal + ".flock"
@@ -128,7 +196,11 @@ class FlockLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX)
         self.held.fd = fd
-        _cut_unfinished_line(self.journal)
+        try:
+            _cut_unfinished_line(self.journal)
+        except BaseException:  # Optuna releases only a lock it acquired
+            self.release()
+            raise
         return True
 
     def release(self) -> None:
@@ -237,13 +309,13 @@ class RunStore:
             key = t.user_attrs["run_key"]
             if key not in keys or not self._take(trial_id := self._id(t)):
                 continue
+            self.set_attrs(trial_id, {"worker": worker, "heartbeat": time.time()})
             first = next((o.number for o in self._runs((TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))
                           if o.user_attrs["run_key"] == key and o.number != t.number
                           and (o.state == TrialState.COMPLETE or o.number < t.number)), None)
             if first is not None:  # queued twice by commands racing: the lower trial number is the run
                 self._close(trial_id, "duplicate", f"duplicate of trial {first}")
                 continue
-            self.set_attrs(trial_id, {"worker": worker, "heartbeat": time.time()})
             return trial_id, RunConfig.from_attrs(t.user_attrs["config"])
         return None
 
@@ -298,11 +370,14 @@ class RunStore:
         return len(held)
 
     def reclaim_expired(self) -> None:
-        """Requeue runs whose worker stopped beating, or is a process on this host that is gone."""
+        """Requeue runs whose worker stopped beating, or is a process on this host that is gone, or
+        died claiming it (RUNNING, but no worker named)."""
         now = time.time()
         for t in self._runs((TrialState.RUNNING,)):
             worker = t.user_attrs.get("worker", "")
-            if _gone_from_this_host(worker):
+            if not worker and now - t.datetime_start.timestamp() > CLAIM_SECONDS:
+                self.fail(self._id(t), "its worker died while claiming it", retry=True)
+            elif _gone_from_this_host(worker):
                 self.fail(self._id(t), f"worker {worker} is no longer running", retry=True)
             elif now - t.user_attrs.get("heartbeat", t.datetime_start.timestamp()) > self.lease:
                 self.fail(self._id(t), f"worker {worker} stopped beating (lease {self.lease:g}s expired)",

@@ -202,18 +202,19 @@ def train(
     stepper = Stepper.build(cfg, splits.num_classes, rt)
     model, optimizer = stepper.model, stepper.optimizer
     result = RunResult(params=count_params(model))
+    name = f"{cfg.label} {cfg.dataset} seed {cfg.seed}"
     state = checkpoints.load(checkpoint, cfg.key()) if checkpoint is not None else None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         result.history = state["history"]
+        print(f"{name}: resuming after epoch {len(result.history)} from {checkpoint}", file=sys.stderr)
         for record in result.history:
             if on_epoch is not None:
                 on_epoch(record)
 
     progress = sys.stderr.isatty() if rt.progress is None else rt.progress
     steps = math.ceil(len(splits.train_labels) / cfg.batch_size)
-    name = f"{cfg.label} {cfg.dataset} seed {cfg.seed}"
     epochs = tqdm(range(len(result.history), cfg.epochs), desc=name, initial=len(result.history),
                   total=cfg.epochs, unit="epoch", disable=not progress, leave=False)
     for epoch in epochs:
@@ -248,5 +249,7 @@ def train(
                 f"{splits.eval_name} {record['eval_acc']:.2f}% lr {lr:g} {record['seconds']:.1f}s")
         tqdm.write(line, file=sys.stderr)
     epochs.close()
+    if checkpoint is not None:
+        checkpoints.finish(checkpoint)
     return result
 

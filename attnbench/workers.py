@@ -47,6 +47,7 @@ class WorkerSettings:
     threads: int
     keys: frozenset[str]  # the grid's run keys: a worker trains these and nothing else
     plugins: tuple[str, ...] = field(default=())
+    wait: bool = True  # stay until the grid is done (see grid.work); Slurm jobs leave when the queue is empty
 
 
 def worker_main(settings: WorkerSettings) -> int:
@@ -58,7 +59,7 @@ def worker_main(settings: WorkerSettings) -> int:
                  channels_last=settings.channels_last, progress=False)
     store = RunStore(open_storage(settings.storage, settings.results_dir), settings.study)
     return work(store, set(settings.keys), SplitCache(settings.data_dir, settings.download, rt), rt,
-                settings.checkpoint_dir)
+                settings.checkpoint_dir, wait=settings.wait)
 
 
 def _process_main(settings: WorkerSettings) -> None:
@@ -140,5 +141,5 @@ def submit_slurm(settings: WorkerSettings, n: int, *, partition: str | None, min
                                    slurm_array_parallelism=n)
     device = "cuda" if gpus else settings.device
     with executor.batch():
-        jobs = [executor.submit(worker_main, replace(settings, device=device)) for _ in range(n)]
+        jobs = [executor.submit(worker_main, replace(settings, device=device, wait=False)) for _ in range(n)]
     return jobs

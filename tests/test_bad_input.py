@@ -84,6 +84,15 @@ EXITS = "import sys\nsys.exit(0)\n"
 BREAKS_ON_IMPORT = "import no_such_package_xyz\n"
 TAKES_SE = ("from torch import nn\nfrom attnbench.registry import register\n\n"
             "@register('se')\nclass Mine(nn.Identity):\n    '''Another SE.'''\n")
+
+def gate(forward: str) -> str:
+    """A plugin gate whose forward(x) returns `forward`."""
+    return ("from torch import nn\nfrom attnbench.registry import register\n\n"
+            "@register('odd')\nclass Odd(nn.Module):\n    '''A gate that breaks the block.'''\n"
+            "    def __init__(self, channels):\n        super().__init__()\n"
+            f"    def forward(self, x):\n        return {forward}\n")
+
+
 REFUSES_ITS_OPTIONS = ("from torch import nn\nfrom attnbench.registry import register\n\n"
                        "@register('picky')\nclass Picky(nn.Identity):\n    '''Refuses every channel count.'''\n"
                        "    def __init__(self, channels, *, k: int = 3):\n"
@@ -92,25 +101,29 @@ REFUSES_ITS_OPTIONS = ("from torch import nn\nfrom attnbench.registry import reg
 
 CASES = {
     # the recipe's numbers
-    "lr nan": Case(["--lr", "nan"], ["--lr nan: must be a finite number above 0"]),
-    "lr inf": Case(["--lr", "inf"], ["--lr inf: must be a finite number above 0"]),
+    "lr nan": Case(["--lr", "nan"], ["argument --lr: 'nan' is not a finite number"]),
+    "lr inf": Case(["--lr", "inf"], ["argument --lr: 'inf' is not a finite number"]),
+    "lr underflows": Case(["--lr", "1e-400"], ["--lr 0.0: must be a finite number above 0"]),
     "lr negative": Case(["--lr", "-1"], ["--lr -1.0: must be a finite number above 0"]),
     "lr zero": Case(["--lr", "0"], ["--lr 0.0: must be"]),
-    "gamma nan": Case(["--gamma", "nan"], ["--gamma nan: must be above 0 and at most 1"]),
+    "gamma nan": Case(["--gamma", "nan"], ["argument --gamma: 'nan' is not a finite number"]),
+    "gamma above 1": Case(["--gamma", "2"], ["--gamma 2.0: must be above 0 and at most 1"]),
     "gamma zero": Case(["--gamma", "0"], ["--gamma 0.0: must be above 0"]),
     "momentum 1": Case(["--momentum", "1"], ["--momentum 1.0: must be at least 0 and below 1"]),
     "momentum negative": Case(["--momentum", "-0.5"], ["--momentum -0.5: must be at least 0"]),
-    "weight decay inf": Case(["--weight-decay", "1e400"], ["--weight-decay inf: must be a finite number"]),
+    "weight decay overflows": Case(["--weight-decay", "1e400"], ["argument --weight-decay: '1e400' is not a finite"]),
     "epochs 0": Case(["--epochs", "0"], ["--epochs 0: must be at least 1"]),
     "batch 0": Case(["--batch-size", "0"], ["--batch-size 0: must be at least 1"]),
     "test batch 0": Case(["--test-batch-size", "0"], ["--test-batch-size 0: must be at least 1"]),
     "train size negative": Case(["--train-size", "-5"], ["--train-size -5: must be 0 (all images) or more"]),
+    "train size beyond the set": Case(["--train-size", "100000000"], ["--train-size 100000000: the synthetic set"]),
     "val split negative": Case(["--val-split", "-1"], ["--val-split -1: must be 0 (no hold-out) or more"]),
     "milestones descending": Case(["--epochs", "5", "--milestones", "3,1"],
                                   ["--milestones 3,1: need increasing epochs between 1 and 4"]),
     "milestones repeated": Case(["--epochs", "5", "--milestones", "2,2"], ["--milestones 2,2: need increasing"]),
     "milestone at 0": Case(["--epochs", "5", "--milestones", "0"], ["--milestones 0: need increasing"]),
     "milestone past the end": Case(["--epochs", "5", "--milestones", "5"], ["between 1 and 4 (--epochs 5)"]),
+    "milestone in a 1-epoch run": Case(["--epochs", "1", "--milestones", "3"], ["--epochs 1 has no later epoch"]),
     "milestone not a number": Case(["--milestones", "x"], ["'x' is not an integer"]),
     "depth": Case(["--depth", "9"], ["depth 9 is not valid for basic blocks"]),
     "block": Case(["--block", "wide"], ["unknown --block 'wide'; use bottleneck or basic"]),
@@ -122,7 +135,8 @@ CASES = {
     "seed not a number": Case(["--seeds", "0,x"], ["'x' is not an integer"]),
     "seeds count down": Case(["--seeds", "4-0"], ["'4-0' counts down", "0-4"]),
     "seeds empty": Case(["--seeds", ""], ["--seeds is empty"]),
-    "grid too large": Case(["--seeds", "0-100000"], ["the grid has 100,001 runs", "--large-grid"]),
+    "grid too large": Case(["--seeds", "0-100000"], ["the grid has 100,001 runs (1 module x 1 dataset x", "--large-grid"]),
+    "modules empty": Case(["--modules", ",,"], ["--modules is empty"]),
     "unknown module": Case(["--modules", "se,sse"], ["unknown module 'sse'", "available: cbam, iebn, none, se, spe"]),
     "datasets empty": Case(["--datasets", ""], ["--datasets is empty"]),
     "unknown dataset": Case(["--datasets", "mnist"], ["unknown dataset 'mnist'"]),
@@ -163,12 +177,23 @@ CASES = {
     "storage port": Case(["--storage", "postgresql://user@host:port/db"],
                          ["is not a database URL", "postgresql://user:password@host:5432/dbname"]),
     "storage scheme": Case(["--storage", "nosuchdb://host/db"], ["is not a database URL SQLAlchemy knows"]),
-    "storage unreachable": Case(["--storage", "sqlite:////nonexistent/dir/runs.db"], ["is unreachable"]),
+    "storage unreachable": Case(["--storage", "postgresql://u:p@127.0.0.1:1/db"], ["is unreachable"]),
+    "sqlite folder missing": Case(["--storage", "sqlite:////nonexistent/dir/runs.db"],
+                                  ["storage folder /nonexistent/dir does not exist"]),
+    "sqlite in memory": Case(["--storage", "sqlite://"], ["is an in-memory database"]),
+    "sqlite in memory, with slashes": Case(["--storage", "sqlite:///"], ["is an in-memory database"]),
+    "report of a sqlite file that is not there": Case(["--leaderboard-only", "--storage", "sqlite:///{dir}/typo.db"],
+                                                      ["no storage at", "typo.db"]),
     "storage folder missing": Case(["--storage", "/nonexistent/dir/runs.journal"], ["does not exist"]),
     "storage is a folder": Case(["--storage", "{dir}"], ["is a folder", "runs.journal"]),
     "storage empty": Case(["--storage", ""], ["argument --storage: must not be empty"]),
-    "storage not a journal": Case(["--storage", "{dir}/notes.txt"], ["cannot be read as Optuna's"],
+    "storage not a journal": Case(["--storage", "{dir}/notes.txt"], ["is not an Optuna journal"],
                                   prepare=write("notes.txt", "my notes\nnot a journal\n")),
+    "storage one line of notes": Case(["--storage", "{dir}/notes.txt"], ["is not an Optuna journal"],
+                                      prepare=write("notes.txt", "my precious notes")),
+    "storage damaged inside": Case(["--storage", "{dir}/damaged.journal"], ["cannot be read as Optuna's journal"],
+                                   prepare=lambda d: (d / "damaged.journal").write_bytes(
+                                       (d / "results" / "runs.journal").read_bytes() + b"garbage\n{}\n")),
     "report without storage": Case(["--leaderboard-only", "--storage", "{dir}/none.journal"], ["no storage at"]),
     "report of an unknown study": Case(["--leaderboard-only", "--study", "nosuch"],
                                        ["the storage holds no study 'nosuch'"]),
@@ -180,12 +205,23 @@ CASES = {
                                         prepare=write("notes.txt", "someone's notes")),
     "checkpoint folder under a file": Case(["--checkpoint-dir", "{dir}/notes.txt/ckpt"], ["is a file, not a folder"],
                                            prepare=write("notes.txt", "someone's notes")),
+    "results folder a broken link": Case(["--results-dir", "{dir}/gone"], ["--results-dir", "broken link"],
+                                         prepare=lambda d: (d / "gone").symlink_to(d / "nowhere")),
+    "checkpoint folder a broken link": Case(["--checkpoint-dir", "{dir}/gone"], ["--checkpoint-dir", "broken link"],
+                                            prepare=lambda d: (d / "gone").symlink_to(d / "nowhere")),
+    "results folder in a folder we cannot enter": Case(["--results-dir", "{dir}/closed/results"],
+                                                       ["--results-dir", "Permission denied"],
+                                                       prepare=modes({"closed": 0o700}), unprivileged=True),
+    "storage in a folder we cannot enter": Case(["--storage", "{dir}/closed/runs.journal"],
+                                                ["--storage", "Permission denied"],
+                                                prepare=modes({"closed": 0o700, "results": 0o777,
+                                                               "results/checkpoints": 0o777}), unprivileged=True),
     "results folder read-only": Case([], ["--results-dir", "cannot write in", "Permission denied"],
                                      prepare=modes({"results": 0o555}), unprivileged=True),
     "checkpoint folder read-only": Case([], ["--checkpoint-dir", "cannot write in", "Permission denied"],
                                         prepare=modes({"results": 0o777, "results/checkpoints": 0o555}),
                                         unprivileged=True),
-    "journal read-only": Case([], ["runs.journal: cannot write it", "Permission denied"],
+    "journal read-only": Case([], ["runs.journal: Permission denied"],
                               prepare=modes({"results": 0o777, "results/checkpoints": 0o777,
                                              "results/runs.journal": 0o444}), unprivileged=True),
     "storage folder read-only": Case(["--storage", "{dir}/store/runs.journal"], ["--storage", "cannot write in"],
@@ -194,7 +230,8 @@ CASES = {
     "download into a read-only folder": Case(["--datasets", "cifar10", "--download", "--data-dir", "{dir}/data"],
                                              ["--data-dir", "cannot write in"],
                                              prepare=modes({"data": 0o555, "results": 0o777,
-                                                            "results/checkpoints": 0o777}), unprivileged=True),
+                                                            "results/checkpoints": 0o777,
+                                                            "results/runs.journal": 0o666}), unprivileged=True),
     # plugins
     "plugin registers nothing": Case(["--plugin", "{dir}/plugin.py"], ["registered no module", "@register"],
                                      prepare=plugin(REGISTERS_NOTHING)),
@@ -208,8 +245,22 @@ CASES = {
     "plugin refuses its options": Case(["--plugin", "{dir}/plugin.py", "--modules", "picky"],
                                        ["module 'picky' cannot be built", "k=3 does not fit"],
                                        prepare=plugin(REFUSES_ITS_OPTIONS)),
+    "plugin returns another shape": Case(["--plugin", "{dir}/plugin.py", "--modules", "odd"],
+                                         ["module 'odd': forward(x) must return a tensor of x's shape (2, 16, 32, 32)",
+                                          "returned (2, 32, 32)"], prepare=plugin(gate("x.mean(1)"))),
+    "plugin returns a broadcastable shape": Case(["--plugin", "{dir}/plugin.py", "--modules", "odd"],
+                                                 ["returned (2, 1, 32, 32)"],
+                                                 prepare=plugin(gate("x.mean(1, keepdim=True)"))),
+    "plugin returns a tuple": Case(["--plugin", "{dir}/plugin.py", "--modules", "odd"], ["returned tuple"],
+                                   prepare=plugin(gate("x, x"))),
+    "plugin fails in forward": Case(["--plugin", "{dir}/plugin.py", "--modules", "odd"],
+                                    ["module 'odd' fails in the forward pass: RuntimeError"],
+                                    prepare=plugin(gate("x.reshape(3, -1)"))),
     # data files
     "data missing": Case(["--datasets", "cifar10", "--data-dir", "{dir}/nothing"], ["--download"]),
+    "data folder is a file": Case(["--datasets", "cifar10", "--data-dir", "{dir}/notes.txt"],
+                                  ["--data-dir", "notes.txt is a file"], prepare=write("notes.txt", "notes")),
+    "hold-out too large": Case(["--val-split", "100000"], ["--val-split must be between 1 and 255"]),
     "data truncated": Case(["--datasets", "cifar10", "--data-dir", "{dir}/data"],
                            ["data_batch_2 is truncated or corrupt"],
                            prepare=cifar_with("data_batch_2", lambda b: b[: len(b) // 2])),

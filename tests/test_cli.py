@@ -61,6 +61,7 @@ def test_grid_writes_leaderboard_and_skips_completed_runs(tmp_path, results, cap
     se = runs[runs["module"] == "se"]["best_acc"]
     assert f"{se.mean():.2f} ± {se.std():.2f}" in row
     assert len(list((results / "checkpoints").glob("*.pt"))) == 4
+    assert not list((results / "checkpoints").glob("*.prev"))  # a finished run keeps its last epoch alone
 
     journal = (results / "runs.journal").read_bytes()
     assert run_cli(tmp_path, "--modules", "se", "--seeds", "0,1") == 0
@@ -98,7 +99,7 @@ def test_a_file_as_the_results_folder_is_one_line_and_left_alone(tmp_path, capsy
 
 
 def test_an_unreachable_database_is_not_told_to_tune(tmp_path, results, capsys):
-    code = run_cli(tmp_path, "--opt", "spe=tuned", "--modules", "spe", "--storage", "sqlite:////nonexistent/dir/t.db")
+    code = run_cli(tmp_path, "--opt", "spe=tuned", "--modules", "spe", "--storage", "postgresql://u:p@127.0.0.1:1/db")
     assert "--tune" not in one_line_error(capsys, code, "is unreachable")
 
 
@@ -242,6 +243,13 @@ def test_default_results_folder_is_created(tmp_path, capsys):
     fresh = tmp_path / "elsewhere" / "results"
     assert main([*TINY, "--no-baseline", "--modules", "none", "--results-dir", str(fresh)]) == 0
     assert {p.name for p in fresh.iterdir()} >= {"runs.journal", "leaderboard.md", "runs.csv", "checkpoints"}
+
+
+def test_cancel_queued_where_nothing_ran_writes_nothing(tmp_path, capsys):
+    fresh = tmp_path / "fresh"
+    assert main([*TINY, "--results-dir", str(fresh), "--cancel-queued"]) == 0
+    assert "cancelled 0 queued runs: no storage at" in capsys.readouterr().err
+    assert not fresh.exists()
 
 
 def test_no_modules_says_the_grid_is_the_baseline_alone(tmp_path, results, capsys):

@@ -114,3 +114,16 @@ def test_a_run_queued_twice_by_racing_commands_trains_once(tmp_path):
     assert states == ["COMPLETE", "PRUNED"]
     runs = store.runs()
     assert runs["state"].tolist() == ["COMPLETE"]  # the duplicate is no row, and no failure
+
+
+def test_a_claim_cut_short_before_naming_its_worker_is_requeued(tmp_path, monkeypatch):
+    cfg = preset("quick")
+    store = RunStore(open_storage(None, tmp_path))
+    store.enqueue([cfg], {})
+    cut_short = store.study.trials[0]
+    assert store._take(store._id(cut_short))  # RUNNING, and then the claimer was killed
+    assert store.claim("me:1", {cfg.key()}) is None  # so soon, it may be still claiming
+    monkeypatch.setattr("attnbench.storage.CLAIM_SECONDS", 0.0)
+    trial_id, claimed = store.claim("me:1", {cfg.key()})
+    assert claimed == cfg and trial_id != store._id(cut_short)
+    assert store.storage.get_trial(store._id(cut_short)).user_attrs["fail_reason"] == "its worker died while claiming it"

@@ -209,7 +209,7 @@ def test_val_split_is_a_seeded_disjoint_hold_out(mini_cifar_dir):
     other = data.load_dataset("cifar10", mini_cifar_dir, val_split=500, seed=2)
     assert torch.equal(again.eval_images, a.eval_images) and torch.equal(again.train_images, a.train_images)
     assert not torch.equal(other.eval_images, a.eval_images)
-    with pytest.raises(UserError, match="val_split"):
+    with pytest.raises(UserError, match="--val-split"):
         data.load_dataset("cifar10", mini_cifar_dir, val_split=4000)
 
 
