@@ -197,8 +197,9 @@ def parse_options(items: list[str], modules: list[str]) -> tuple[dict[str, dict[
         try:
             parsed = _as_type_of(default, value)
         except ValueError:
-            raise UserError(f"--opt '{item}': {name} takes a {type(default).__name__}, like its default "
-                            f"{default!r}") from None
+            kind = type(default).__name__
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise UserError(f"--opt '{item}': {name} takes {article} {kind}, like its default {default!r}") from None
         if isinstance(parsed, float) and not math.isfinite(parsed):
             raise UserError(f"--opt '{item}': {name} must be a finite number")
         options.setdefault(spec.name, {})[name] = parsed
@@ -496,7 +497,7 @@ def run_measure(args: argparse.Namespace) -> int:
 
 def run_tuning(args: argparse.Namespace) -> int:
     from attnbench import tune
-    from attnbench.storage import open_storage, storage_url
+    from attnbench.storage import check_storage, open_storage, storage_url
 
     spec = tune.tunable_spec(args.tune)
     if args.trials < 1:
@@ -506,6 +507,7 @@ def run_tuning(args: argparse.Namespace) -> int:
     base = configs[0]
     slots = worker_slots(args)
     in_process = slots == [None]
+    check_storage(args.storage, args.results_dir)
     rt, splits = runtime_and_data(args, base.amp, in_process)
     if not base.val_split:  # tuning never looks at the test set: hold out a tenth by default
         base = replace(base, val_split=max(1, len(splits[base].train_labels) // 10))
@@ -540,7 +542,7 @@ def runtime_and_data(args: argparse.Namespace, amp: str, in_process: bool) -> tu
     device = resolve_device("cuda" if args.gpus else args.device)
     check_amp(amp, device)
     check_compile(args.compile, device)
-    if args.data_dir.is_file():
+    if args.data_dir.exists() and not args.data_dir.is_dir():
         raise UserError(f"--data-dir {args.data_dir} is a file; give the folder holding cifar-10-batches-py/")
     if args.download:
         check_writable(args.data_dir, "--data-dir")

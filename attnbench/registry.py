@@ -177,7 +177,8 @@ def load_plugin(path: str | Path) -> None:
     """Import a module file the user named with --plugin; its @register classes join the registry."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"plugin file {path} does not exist; pass the path to a .py file")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise UserError(f"plugin file {path} {what}; pass the path to a .py file")
     _discover()
     module_name = f"attnbench_plugin_{path.stem}"
     spec = importlib.util.spec_from_file_location(module_name, path)

@@ -83,6 +83,8 @@ def check_storage(url: str | None, results_dir: Path, must_exist: bool = False) 
         if path.is_dir():
             raise UserError(f"--storage {path} is a folder; give a file in it, e.g. {path / 'runs.journal'}" if url
                             else f"{path} is a folder, where the runs' journal file goes; move it away")
+        if path.exists() and not path.is_file():
+            raise UserError(f"{flag} {path} is not a regular file; give a journal file")
         if must_exist and not path.is_file():
             raise NoStorage(f"no storage at {path}: nothing has run there yet; check --results-dir or --storage")
         if url and not path.parent.is_dir():
