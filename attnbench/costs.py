@@ -19,11 +19,14 @@ shows both, each labelled:
     scored like an add, so transcendental work is undercounted rather than guessed.
   - reductions (mean, sum, amax, amin, global max/min, adaptive pooling): one per input element
     per result, so ``aminmax`` costs as much as ``amax`` plus ``amin``: the fused kernel is an
-    implementation detail, not less arithmetic.
+    implementation detail, not less arithmetic; variance and standard deviation two per input
+    element (the mean, then the squared deviations); softmax three per element (exponential,
+    sum, division); an average pool one per window element per output; upsampling one per output
+    element (fvcore's rule).
   - batch norm: fvcore's rule, in eval mode one per element to normalise plus one for the affine
     (IEBN's BN has no affine, so one); training mode would be four plus one, as it also computes
     the statistics. Counts are taken in eval mode.
-  - views, reshapes, slicing, cat, split, flatten: zero (fvcore's ignore list plus a few views
+  - views, reshapes, slicing, cat, split, chunk, flatten: zero (fvcore's ignore list plus a few
     it lacks).
 
   Any other op is an error (UserError naming it), in both conventions: it could be a matrix
@@ -102,11 +105,17 @@ def _max_or_min(inputs: list, outputs: list) -> int:
 
 _ELEMENTWISE = (
     "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "neg",
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "hardsigmoid", "silu", "gelu",
-    "exp", "sqrt", "rsqrt", "pow",
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "hardsigmoid", "hardswish", "hardtanh",
+    "hardtanh_", "silu", "gelu", "exp", "sqrt", "rsqrt", "pow",
 )
 _REDUCTIONS = ("mean", "sum", "amax", "amin", "adaptive_max_pool2d")
-_FREE = ("expand_as", "view_as", "unflatten", "movedim")
+_FREE = ("expand_as", "view_as", "unflatten", "movedim", "zeros_like", "chunk")
+
+
+def _avg_pool(inputs: list, outputs: list) -> int:
+    """One per window element per output: a k x k window adds k*k values."""
+    kernel = inputs[1].toIValue() or [v.toIValue() for v in inputs[1].node().inputs()]  # a list built in the graph
+    return _numel(outputs[0]) * math.prod(kernel if len(kernel) == 2 else kernel * 2)
 
 FULL_HANDLES: dict[str, Callable[[list, list], int] | None] = {
     **{f"aten::{op}": _per_output_element(1) for op in _ELEMENTWISE},
@@ -115,6 +124,10 @@ FULL_HANDLES: dict[str, Callable[[list, list], int] | None] = {
     "aten::aminmax": _per_input_element(2),
     "aten::max": _max_or_min,
     "aten::min": _max_or_min,
+    "aten::var": _per_input_element(2),  # a pass for the mean, one for the squared deviations
+    "aten::std": _per_input_element(2),
+    "aten::softmax": _per_output_element(3),  # exponential, the sum it is divided by, the division
+    "aten::avg_pool2d": _avg_pool,
     **{f"aten::{op}": None for op in _FREE},
 }
 """Handles added to fvcore's defaults for the ``full`` convention (None: explicitly free)."""

@@ -7,11 +7,17 @@ A module is a plain ``nn.Module`` class, registered once with the ``@register`` 
   ``forward(x)`` returns a tensor of x's shape (SE, CBAM, SPE). With ``shared=Cls``, one
   ``Cls(channels, **options)`` is built per stage and handed to each gate of that stage as
   ``cls(channels, shared, **options)``: state shared by the blocks of a stage (DIANet's cell).
+  A shared module with a ``reset()`` method has it called as each forward pass enters its stage
+  and as it leaves, so that it may carry state from block to block within one pass (DIANet's
+  LSTM state) and none from one pass to the next.
 - role ``"norm"``: replaces every batch norm of the stem and the blocks, built as
   ``cls(channels, **options)`` (IEBN); the projection shortcut's norm stays a BatchNorm2d.
 
 A module's options are the keyword-only constructor arguments with defaults (``--opt``), so
-tuning an initialisation needs no code in the harness. A module instance with an
+tuning an initialisation needs no code in the harness; a value the module cannot take is a
+ValueError from its constructor. ``params`` (and ``shared_params``) declare the parameter count of
+one instance at a channel count, with default options: the battery of tests checks every module
+against its declaration. A module instance with an
 ``extra_loss()`` method has it added to the training loss. The first line of the class's
 docstring is its description in listings.
 
@@ -63,6 +69,8 @@ class ModuleSpec:
     aliases: tuple[str, ...] = ()
     suggest: Suggest | None = None
     source: str = ""
+    params: Callable[[int], int] | None = None
+    shared_params: Callable[[int], int] | None = None
 
     @property
     def kind(self) -> str:
@@ -118,11 +126,14 @@ def register(
     shared: type[nn.Module] | None = None,
     aliases: tuple[str, ...] = (),
     tunable: dict[str, Tunable] | Suggest | None = None,
+    params: Callable[[int], int] | None = None,
+    shared_params: Callable[[int], int] | None = None,
 ) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Class decorator adding a module to the registry under `name` (and `aliases`).
 
     `tunable` makes options searchable by the tuner: ranges per option, or a function from an
-    Optuna trial to options."""
+    Optuna trial to options. `params(channels)` is one instance's parameter count with default
+    options (`shared_params` the same for the stage-shared module)."""
     if role not in ROLES:
         raise ValueError(f"module '{name}': role must be one of {ROLES}, not {role!r}")
     if shared is not None and role != "gate":
@@ -133,7 +144,7 @@ def register(
         source = getattr(sys.modules.get(cls.__module__), "__file__", None) or cls.__module__
         doc = inspect.getdoc(cls) if cls.__doc__ else None  # not a base class's docstring
         spec = ModuleSpec(name.lower(), cls, role, doc.splitlines()[0] if doc else cls.__name__, shared,
-                          tuple(aliases), suggest, source)
+                          tuple(aliases), suggest, source, params, shared_params)
         for key in (name, *aliases):
             key = key.lower()
             if key in _ALIASES:

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 from attnbench.registry import register
 
 
-@register("cbam")
+@register("cbam", params=lambda c: 2 * c * (c // 16) + c // 16 + c + 2 * 7 * 7 + 2)
 class CBAM(nn.Module):
     """CBAM: a channel gate from average and max pooling, then a 7x7 spatial gate.
 

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from attnbench.registry import register
 
 
-@register("iebn", role="norm")
+@register("iebn", role="norm", params=lambda c: 4 * c)
 class IEBatchNorm2d(nn.BatchNorm2d):
     """Instance-enhanced batch norm: replaces each BN, a per-image sigmoid gate on its scale.
 

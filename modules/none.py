@@ -5,6 +5,6 @@ from torch import nn
 from attnbench.registry import register
 
 
-@register("none", aliases=("baseline", "resnet"))
+@register("none", aliases=("baseline", "resnet"), params=lambda c: 0)
 class NoAttention(nn.Identity):
     """Plain ResNet, no attention (the baseline)."""

@@ -5,7 +5,7 @@ from torch import Tensor, nn
 from attnbench.registry import register
 
 
-@register("se", aliases=("senet",))
+@register("se", params=lambda c: 2 * c * (c // 16) + c // 16 + c, aliases=("senet",))
 class SqueezeExcite(nn.Module):
     """Squeeze-and-excitation: a channel gate from global average pooling.
 

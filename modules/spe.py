@@ -20,7 +20,7 @@ def suggest_init(trial) -> dict[str, float]:
     return {"p0": ratio * p1, "p1": p1, "alpha": alpha}
 
 
-@register("spe", aliases=("spem", "spenet"), tunable=suggest_init)
+@register("spe", aliases=("spem", "spenet"), tunable=suggest_init, params=lambda c: 4 * c + 2)
 class SelfAdaptivePooling(nn.Module):
     """Self-adaptive pooling: a learned mix of global max and min pooling gates the channels.
 

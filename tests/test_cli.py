@@ -45,6 +45,9 @@ def test_list_shows_every_module_with_kind_and_extra_params(capsys):
     assert rows["se"][1:4] == ["senet", "gate", "+202,104"]
     assert rows["cbam"][1:3] == ["gate", "+207,504"]
     assert rows["none"][3] == "identity" and rows["none"][4] == "+0"
+    assert rows["dia"][1:5] == ["dianet", "gate,", "stage-shared", "+218,848"]
+    assert rows["eca"][1:3] == ["gate", "+234"] and rows["srm"][1:3] == ["gate", "+32,256"]
+    assert len(rows) == 12
 
 
 def test_grid_writes_leaderboard_and_skips_completed_runs(tmp_path, results, capsys):

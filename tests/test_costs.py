@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from attnbench import costs, registry
 from attnbench.errors import UserError
@@ -211,15 +212,15 @@ def test_fvcore_alone_would_warn(caplog: pytest.LogCaptureFixture) -> None:
     assert any("Unsupported operator aten::mul" in r.getMessage() for r in caplog.records)
 
 
-class StdGate(nn.Module):
+class CumsumGate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * x.std((2, 3), keepdim=True)
+        return x * x.cumsum(2)
 
 
 @pytest.mark.parametrize("convention", ["paper", "full"])
 def test_uncovered_op_is_an_error_naming_it(convention: str) -> None:
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), StdGate())
-    with pytest.raises(UserError, match=r"aten::std"):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), CumsumGate())
+    with pytest.raises(UserError, match=r"aten::cumsum"):
         count_macs(model, convention)
 
 
@@ -340,3 +341,20 @@ def test_cost_table_without_throughput_has_counts_only() -> None:
         "module", "params", "macs_paper", "macs_full", "saved_bytes",
         "extra_params", "extra_macs_paper", "extra_macs_full", "extra_saved_bytes",
     ]
+
+
+class ZooOps(nn.Module):
+    """The ops the zoo's modules brought, each once on a (1, 3, 32, 32) input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spread = x.var((2, 3), keepdim=True)
+        weights = x.flatten(2).softmax(-1).view_as(x)
+        pooled = F.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)
+        return x * spread + weights + F.interpolate(pooled, size=x.shape[2:], mode="nearest")
+
+
+def test_the_zoos_ops_count_by_their_rules() -> None:
+    n = 3 * 32 * 32
+    var, softmax, pool, upsample = 2 * n, 3 * n, (3 * 16 * 16) * 9, n  # views are free
+    assert count_macs(ZooOps(), "full") == var + softmax + pool + upsample + 3 * n  # a mul and two adds
+    assert count_macs(ZooOps(), "paper") == 0

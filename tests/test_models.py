@@ -1,6 +1,5 @@
 """Backbones and the five seed modules against REFERENCE.md sections 1 and 3."""
 
-import copy
 import math
 
 import pytest
@@ -10,7 +9,6 @@ from torch.nn import functional as F
 from attnbench import registry
 from attnbench.errors import UserError
 from attnbench.models import build_model
-from conftest import assert_trained_alike
 
 # REFERENCE.md section 1 and 3: exact parameter counts of ResNet-164 (post-activation).
 BASE = {10: 1_704_154, 100: 1_727_284}
@@ -30,56 +28,6 @@ def test_resnet164_parameter_counts(module, classes):
 @pytest.mark.parametrize("classes, expected", [(10, 1_703_258), (100, 1_726_388)])
 def test_preresnet164_parameter_count(classes, expected):
     assert n_params(build_model("none", 164, classes, arch="preresnet")) == expected
-
-
-@pytest.mark.parametrize("arch", ["resnet", "preresnet"])
-@pytest.mark.parametrize("block, depth", [("bottleneck", 11), ("basic", 8)])
-@pytest.mark.parametrize("module", sorted(EXTRA))
-def test_output_shape_and_every_parameter_learns(module, arch, block, depth):
-    torch.manual_seed(0)
-    model = build_model(module, depth, 10, arch=arch, block=block)
-    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-
-    def loss_and_grads():
-        opt.zero_grad()
-        out = model(x)
-        assert out.shape == (4, 10)
-        loss = F.cross_entropy(out, y)
-        extra = model.extra_loss()
-        (loss if extra is None else loss + extra).backward()
-
-    # One step first: CBAM's spatial BN starts at weight 0, which blocks its conv's gradient at init.
-    loss_and_grads()
-    opt.step()
-    loss_and_grads()
-    assert not [n for n, p in model.named_parameters() if p.grad is None]
-    if block == "bottleneck":  # basic blocks' SE has 1 hidden unit at C=16, and it may be a dead ReLU
-        assert not [n for n, p in model.named_parameters() if p.grad.abs().sum() == 0]
-
-
-@pytest.mark.parametrize("arch", ["resnet", "preresnet"])
-@pytest.mark.parametrize("module", [*registry.available(), "plugin"])
-def test_every_module_compiles_to_one_graph_that_trains_as_eager(module, arch, request):
-    """--compile gives every module, built-in or plugin, one speed path: torch.compile must see
-    the whole model as one graph (fullgraph=True makes a graph break an error). aot_eager traces
-    forward and backward as the default backend does, without its minutes of code generation."""
-    if module == "plugin":
-        module = request.getfixturevalue("plain_se")
-    results = []
-    for compiled in (True, False):
-        torch.manual_seed(0)
-        model = build_model(module, 8, 10, arch=arch, block="basic").to(memory_format=torch.channels_last)
-        torch.compiler.reset()  # each model's graph from scratch, clear of the recompile limit
-        forward = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
-        x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(memory_format=torch.channels_last)
-        out = forward(x)
-        loss = F.cross_entropy(out, torch.arange(4))
-        extra = model.extra_loss()
-        (loss if extra is None else loss + extra).backward()
-        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()},
-                        {n: b.clone() for n, b in model.named_buffers()}))
-    assert_trained_alike(*results, grads_rel=1e-5, buffers_rtol=1e-6)
 
 
 def test_resnet164_forward_shape():

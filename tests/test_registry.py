@@ -64,7 +64,7 @@ def test_every_module_file_imports_only_torch_and_the_registry():
 
 
 def test_unknown_module_names_the_available_ones(clean_registry):
-    with pytest.raises(UserError, match="unknown module 'sse'; available: cbam, iebn, none, se, spe"):
+    with pytest.raises(UserError, match="unknown module 'sse'; available: cbam, coord, dia, eca, gc, ge, iebn, none, se, sge, spe, srm"):
         clean_registry.get("sse")
 
 

@@ -114,12 +114,18 @@ class PreActBottleneck(nn.Module):
 
 class Stage(nn.Sequential):
     """A stage's blocks in order. The module its gates share, where the attention module has one,
-    is held here as `shared`, so that the state dict names it once; it is not run as a block."""
+    is held here as `shared`, so that the state dict names it once; it is not run as a block, but
+    reset (if it can be) as the pass enters the stage and as it leaves, so no state outlives a pass."""
 
     def forward(self, x: Tensor) -> Tensor:
+        reset = getattr(getattr(self, "shared", None), "reset", None)
+        if reset is not None:
+            reset()
         for name, block in self.named_children():
             if name != "shared":
                 x = block(x)
+        if reset is not None:
+            reset()
         return x
 
 
