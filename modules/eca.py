@@ -9,8 +9,8 @@ from attnbench.registry import register
 
 
 def adaptive_k(channels: int) -> int:
-    """The paper's kernel size, the odd number nearest above |(log2 C + 1) / 2|: 3, 5, 5 for
-    C = 64, 128, 256."""
+    """The paper's kernel size: t = int(|(log2 C + 1) / 2|), made odd by adding 1 if it is even;
+    3, 5, 5 for C = 64, 128, 256."""
     t = int(abs((math.log2(channels) + 1) / 2))
     return t if t % 2 else t + 1
 
