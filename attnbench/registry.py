@@ -9,7 +9,9 @@ A module is a plain ``nn.Module`` class, registered once with the ``@register`` 
   ``cls(channels, shared, **options)``: state shared by the blocks of a stage (DIANet's cell).
   A shared module with a ``reset()`` method has it called as each forward pass enters its stage
   and as it leaves, so that it may carry state from block to block within one pass (DIANet's
-  LSTM state) and none from one pass to the next.
+  LSTM state) and none from one pass to the next. Such state assumes the stage runs its blocks
+  once, in order, in one process: a block called on its own, recomputed by activation
+  checkpointing, or replicated by nn.DataParallel would see another block's state.
 - role ``"norm"``: replaces every batch norm of the stem and the blocks, built as
   ``cls(channels, **options)`` (IEBN); the projection shortcut's norm stays a BatchNorm2d.
 

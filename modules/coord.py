@@ -1,6 +1,8 @@
 """Coordinate attention (Hou, Zhou and Feng, "Coordinate Attention for Efficient Mobile Network
 Design", CVPR 2021; the authors' code: houqb/CoordAttention, coordatt.py)."""
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -20,8 +22,10 @@ class CoordAttention(nn.Module):
     Average over width (C x H x 1) and over height (C x 1 x W), joined along the spatial axis;
     a shared conv1x1 to M = max(8, C/32) channels, BN, h-swish; split again; conv1x1 back to C
     for each axis, sigmoid; out = x * a_w * a_h. The floor of 8 is the authors' code (the paper
-    names only the reduction 32), so M is 8 at every width of ResNet-164. PyTorch's default init,
-    as in coordatt.py. The authors place it in mobile networks; here it gates a bottleneck's output.
+    names only the reduction 32), so M is 8 at every width of ResNet-164. coordatt.py sets no init,
+    but the authors' network (mbv2_ca.py) re-initialises every conv, these included, with
+    N(0, sqrt(2 / (k*k*out_channels))) and zero bias, which this follows. The authors place it in
+    mobile networks; here it gates a bottleneck's output.
     """
 
     def __init__(self, channels: int, *, reduction: int = 32):
@@ -33,6 +37,9 @@ class CoordAttention(nn.Module):
         self.bn = nn.BatchNorm2d(hidden)
         self.conv_h = nn.Conv2d(hidden, channels, 1)
         self.conv_w = nn.Conv2d(hidden, channels, 1)
+        for conv in (self.conv, self.conv_h, self.conv_w):
+            nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / conv.out_channels))  # k = 1
+            nn.init.zeros_(conv.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[2:]

@@ -48,7 +48,9 @@ class DIA(nn.Module):
 
     Each block feeds GAP(x) to its stage's cell and gates x with the cell's new hidden state:
     out = x * h'. The cell follows the authors' code (models/cifar/dia_resnet.py), whose tanh on
-    the output is commented out in favour of the sigmoid.
+    the output is commented out in favour of the sigmoid. Their bottleneck gates bn3's output
+    before the residual add, as here; their basic-block variant gates after the add, and the
+    pre-activation placement is this project's (the gate on the block's last conv).
     """
 
     def __init__(self, channels: int, cell: DIACell):

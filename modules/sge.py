@@ -15,7 +15,8 @@ class SGE(nn.Module):
     Channels split into G groups; per group, m = sum over its channels of x * GAP(x); m is
     standardised over positions (mean 0, unbiased std + 1e-5), scaled and shifted by a per-group
     weight (init 0) and bias (init 1), and out = sigmoid(.) * x, so the gate starts at sigmoid(1).
-    G must divide C: 64 groups as in the paper need C of 64 or a multiple of it.
+    G must divide C: 64 groups as in the paper need C of 64 or a multiple of it, so basic blocks
+    (16 channels in the first stage) take `--opt sge.groups=16`.
     """
 
     def __init__(self, channels: int, *, groups: int = 64):

@@ -156,9 +156,28 @@ def test_srm_formula(unbiased):
     assert_same_values_and_gradients(gate, formula, x64())
 
 
-def test_srm_starts_with_zero_style_weights():
+def test_srm_starts_with_zero_style_weights_and_the_codes_unbiased_variance():
     gate, _ = build("srm")
-    assert torch.equal(gate.weight, torch.zeros(64, 2))
+    assert torch.equal(gate.weight, torch.zeros(64, 2)) and gate.unbiased
+
+
+def init_std(weight: torch.Tensor) -> float:
+    return weight.detach().double().std().item()
+
+
+def test_the_authors_initialisations():
+    gc, _ = build("gc", 256)
+    assert init_std(gc.mask.weight) == pytest.approx(math.sqrt(2 / 256), rel=0.15)  # Kaiming, fan in
+    assert not gc.mask.bias.any() and not gc.transform[-1].weight.any() and not gc.transform[-1].bias.any()
+    ge, _ = build("ge", 256, extent=8, learned=True)
+    for conv in (m for m in ge.gather if isinstance(m, torch.nn.Conv2d)):
+        assert init_std(conv.weight) == pytest.approx(math.sqrt(2 / 9), rel=0.15)  # MSRA, fan in 3x3x1
+    coord, _ = build("coord", 256)
+    for conv in (coord.conv, coord.conv_h, coord.conv_w):
+        assert init_std(conv.weight) == pytest.approx(math.sqrt(2 / conv.out_channels), rel=0.15)
+        assert not conv.bias.any()
+    sge, _ = build("sge")
+    assert not sge.weight.any() and (sge.bias == 1).all()
 
 
 @pytest.mark.parametrize("channels, k", [(64, 3), (128, 5), (256, 5), (1024, 5), (8192, 7)])
