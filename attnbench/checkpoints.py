@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from attnbench.files import write_atomic
+from attnbench.files import remove_leftovers, write_atomic
 
 TRAILER = b"\nattnbench-sha256:"
 DIGEST_BYTES = 64  # hex
@@ -48,8 +48,7 @@ def load(path: Path, key: str) -> dict[str, Any] | None:
     """The newest of the checkpoint and its previous one that passes its checks and belongs to
     run `key`, or None (start from epoch 0). Each file that fails is moved aside with a notice;
     temporary files a killed writer left are removed (one worker holds a run at a time)."""
-    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
-        leftover.unlink(missing_ok=True)
+    remove_leftovers(path)
     for candidate in (path, previous(path)):
         if not candidate.exists():
             continue

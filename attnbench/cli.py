@@ -12,7 +12,7 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, AbstractSet, Any, Callable, Sequence
 
 import torch
 from tabulate import tabulate
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from attnbench import registry
 from attnbench.config import PRESETS, RunConfig, config_fields, counted, preset
 from attnbench.data import DATASETS
-from attnbench.errors import UserError
+from attnbench.errors import UserError, first_line
 from attnbench.models import blocks_per_stage, build_model, count_params
 from attnbench.models.resnet import LAYERS_PER_BLOCK
 
@@ -206,15 +206,15 @@ def parse_options(items: list[str], modules: list[str]) -> tuple[dict[str, dict[
     return options, tuned
 
 
-RECIPE_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {  # nan fails every comparison
+RECIPE_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {  # floats arrive finite (_finite)
     "epochs": (lambda v: v >= 1, "at least 1"),
     "batch_size": (lambda v: v >= 1, "at least 1"),
     "test_batch_size": (lambda v: v >= 1, "at least 1"),
     "train_size": (lambda v: v >= 0, "0 (all images) or more"),
     "val_split": (lambda v: v >= 0, "0 (no hold-out) or more"),
-    "lr": (lambda v: 0 < v < math.inf, "a finite number above 0"),
+    "lr": (lambda v: v > 0, "above 0"),
     "momentum": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
-    "weight_decay": (lambda v: 0 <= v < math.inf, "a finite number, 0 or more"),
+    "weight_decay": (lambda v: v >= 0, "0 or more"),
     "gamma": (lambda v: 0 < v <= 1, "above 0 and at most 1"),
 }
 
@@ -247,7 +247,7 @@ def check_builds(cfg: RunConfig, compile: bool) -> None:
         raise
     except Exception as exc:
         raise UserError(f"module '{cfg.module}' cannot be built with options {cfg.module_options}: "
-                        f"{_first_line(exc)}") from None
+                        f"{first_line(exc)}") from None
     cls = registry.get(cfg.module).cls
 
     def same_shape(layer: nn.Module, inputs: tuple, output: Any) -> None:
@@ -263,7 +263,7 @@ def check_builds(cfg: RunConfig, compile: bool) -> None:
     except UserError:
         raise
     except Exception as exc:
-        raise UserError(f"module '{cfg.module}' fails in the forward pass: {_first_line(exc)}") from None
+        raise UserError(f"module '{cfg.module}' fails in the forward pass: {first_line(exc)}") from None
     for hook in hooks:
         hook.remove()
     if compile:
@@ -271,14 +271,8 @@ def check_builds(cfg: RunConfig, compile: bool) -> None:
         try:  # aot_eager traces forward and backward as the real compile does, without generating code
             torch.compile(model, backend="aot_eager", fullgraph=True)(torch.zeros(2, 3, 32, 32)).sum().backward()
         except Exception as exc:
-            raise UserError(f"--compile: module '{cfg.label}' does not compile as one graph ({_first_line(exc)}); "
+            raise UserError(f"--compile: module '{cfg.label}' does not compile as one graph ({first_line(exc)}); "
                             "run it without --compile") from None
-
-
-def _first_line(exc: Exception) -> str:
-    """An exception as one line: its type and its message's first non-empty line."""
-    line = next((text.strip() for text in str(exc).splitlines() if text.strip()), "")
-    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
 def list_modules() -> str:
@@ -325,13 +319,15 @@ def plan(args: argparse.Namespace, tuned: Callable[[str, str], dict[str, Any]]) 
                         f"{counted(len(seeds), 'seed')}), more than {MAX_GRID:,}: check --seeds, "
                         "or pass --large-grid if you mean it")
     options, tuned_modules = parse_options(args.opt, modules)
-    configs = []
+    configs, checked = [], set()
     for d in datasets:
         for m in modules:
             chosen = {**(tuned(m, d) if m in tuned_modules else {}), **options.get(m, {})}
             cfg = replace(base, module=m, dataset=d, options=tuple(sorted(chosen.items())),
                           variant="tuned" if m in tuned_modules else "")
-            check_builds(cfg, args.compile)
+            if (m, cfg.options) not in checked:  # the check does not depend on the dataset: once each
+                check_builds(cfg, args.compile)
+                checked.add((m, cfg.options))
             configs += [replace(cfg, seed=s) for s in seeds]
     return configs, datasets
 
@@ -435,7 +431,7 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def cancel_queued(args: argparse.Namespace, keys: set[str]) -> int:
+def cancel_queued(args: argparse.Namespace, keys: AbstractSet[str]) -> int:
     """Close the grid's queued runs; where nothing ever ran, there is nothing to close or write."""
     from attnbench.leaderboard import write_outputs
     from attnbench.storage import NoStorage, RunStore, open_storage

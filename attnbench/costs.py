@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 
 from attnbench import registry
 from attnbench.config import preset
-from attnbench.errors import UserError
+from attnbench.errors import UserError, first_line
 from attnbench.models import build_model, count_params
 from attnbench.train import Runtime, Stepper, autocast_for, check_amp, check_compile, resolve_device
 
@@ -173,7 +173,7 @@ def mac_analysis(model: nn.Module, input_size: int = 32) -> FlopCountAnalysis:
         with _in_mode(model, False), _single_thread(), torch.no_grad():
             analysis.total()
     except RuntimeError as exc:
-        raise UserError(f"cannot trace the model to count MACs: {str(exc).splitlines()[0]}") from exc
+        raise UserError(f"cannot trace the model to count MACs: {first_line(exc)}") from exc
     unsupported = analysis.unsupported_ops()
     if unsupported:
         ops = ", ".join(f"{op} (x{n})" for op, n in sorted(unsupported.items()))

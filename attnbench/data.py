@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnbench.errors import UserError
+from attnbench.errors import UserError, first_line
 
 DATASETS = ("cifar10", "cifar100", "synthetic")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -151,7 +151,7 @@ def _read_release(release: _Release, data_dir: Path, download: bool) -> tuple[tu
         try:
             download_and_extract_archive(release.url, str(data_dir), md5=release.archive_md5)
         except (OSError, RuntimeError) as exc:
-            raise UserError(f"downloading {release.url} into {data_dir} failed: {exc}") from exc
+            raise UserError(f"downloading {release.url} into {data_dir} failed: {first_line(exc)}") from exc
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
         raise UserError(f"no {release.title} data at {folder} (missing {', '.join(missing)}); "
@@ -177,7 +177,7 @@ def _read_batch(path: Path, md5: str, release: _Release, differing: list[str]) -
     except UserError:
         raise
     except Exception as exc:  # pickle signals damage with many types: EOFError, UnpicklingError, ...
-        raise UserError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}); "
+        raise UserError(f"{path} is truncated or corrupt ({first_line(exc)}); "
                         "delete it and pass --download, or fix --data-dir") from exc
     data = batch.get(b"data") if isinstance(batch, dict) else None
     labels = np.asarray(batch.get(release.label_key) if isinstance(batch, dict) else None)

@@ -24,6 +24,13 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def remove_leftovers(path: Path) -> None:
+    """Delete the temporary files of write_atomic(path) that writers killed mid-write left behind;
+    only for a caller that knows no writer of `path` is running."""
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
 def write_text(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text))
 

@@ -14,9 +14,11 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import AbstractSet
 
 from attnbench.config import RunConfig
 from attnbench.data import Splits, load_dataset
+from attnbench.errors import first_line
 from attnbench.storage import POLL_SECONDS, Heartbeat, RunStore, environment
 from attnbench.train import Diverged, Runtime, train
 
@@ -49,7 +51,7 @@ def worker_name(pid: int | None = None) -> str:
     return f"{platform.node()}:{os.getpid() if pid is None else pid}"
 
 
-def work(store: RunStore, keys: set[str], splits: SplitCache, rt: Runtime, checkpoint_dir: Path,
+def work(store: RunStore, keys: AbstractSet[str], splits: SplitCache, rt: Runtime, checkpoint_dir: Path,
          wait: bool = True, poll: float = POLL_SECONDS) -> int:
     """Train the queued runs of the grid `keys`; returns how many of this worker's runs failed.
     With `wait`, go on until none of the grid is queued or running (a run another worker holds
@@ -81,7 +83,7 @@ def work(store: RunStore, keys: set[str], splits: SplitCache, rt: Runtime, check
             continue
         except Exception as exc:  # one broken run must not stop the grid; the reason is kept
             traceback.print_exc()
-            store.fail(trial_id, f"{type(exc).__name__}: {exc}")
+            store.fail(trial_id, first_line(exc))  # one line: it becomes a leaderboard cell
             failed += 1
             continue
         store.finish(trial_id, result.best_acc, {

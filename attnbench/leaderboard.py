@@ -80,9 +80,7 @@ def table(runs: pd.DataFrame, dataset: str, is_paper_recipe: bool) -> pd.DataFra
     `none` first, then by mean accuracy."""
     groups = {label: g for label, g in runs.groupby("module")}
     done = {label: g[g["state"] == "COMPLETE"] for label, g in groups.items()}
-    baseline = done.get("none")
-    if baseline is not None and baseline.empty:
-        baseline = None
+    baseline = done["none"] if len(done.get("none", ())) else None
     order = sorted(groups, key=lambda m: (m != "none", -done[m]["best_acc"].mean() if len(done[m]) else math.inf, m))
     rows, tests = [], []
     for label in order:

@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from attnbench.errors import UserError
+from attnbench.errors import UserError, first_line
 
 ROLES = ("gate", "norm")
 
@@ -183,7 +183,7 @@ def _discover() -> None:
         except UserError:
             raise
         except Exception as exc:  # a broken third-party package must not look like our bug
-            raise UserError(f"entry point '{ep.name}' ({ep.value}) failed to import: {exc}") from exc
+            raise UserError(f"entry point '{ep.name}' ({ep.value}) failed to import: {first_line(exc)}") from exc
 
 
 def load_plugin(path: str | Path) -> None:
@@ -210,7 +210,7 @@ def load_plugin(path: str | Path) -> None:
                         "a plugin only defines and registers modules") from None
     except Exception as exc:
         del sys.modules[module_name]
-        raise UserError(f"plugin file {path} failed to import: {type(exc).__name__}: {exc}") from exc
+        raise UserError(f"plugin file {path} failed to import: {first_line(exc)}") from exc
     if set(_REGISTRY) == before:
         raise UserError(f"plugin file {path} registered no module; decorate its class with "
                         "@register(\"name\") from attnbench.registry")

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import AbstractSet, Any
 
 import optuna
 import pandas as pd
@@ -41,7 +41,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from attnbench.config import RunConfig
-from attnbench.errors import UserError
+from attnbench.errors import UserError, first_line
 from attnbench.files import check_writable
 
 STUDY = "attnbench"
@@ -152,11 +152,7 @@ def _check_database(url: str, must_exist: bool) -> None:
         extra = " (pip install 'attnbench[postgres]')" if parsed.get_backend_name() == "postgresql" else ""
         raise UserError(f"--storage {url}: the database driver is missing ({missing}); install it{extra}") from None
     except Exception as exc:
-        raise UserError(f"--storage {url} is unreachable: {_first_line(exc)}") from None
-
-
-def _first_line(exc: Exception) -> str:
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise UserError(f"--storage {url} is unreachable: {first_line(exc)}") from None
 
 
 def open_storage(url: str | None, results_dir: Path, must_exist: bool = False) -> optuna.storages.BaseStorage:
@@ -172,12 +168,12 @@ def open_storage(url: str | None, results_dir: Path, must_exist: bool = False) -
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
         except Exception as exc:
-            raise UserError(f"--storage {url} is unreachable: {_first_line(exc)}") from None
+            raise UserError(f"--storage {url} is unreachable: {first_line(exc)}") from None
     path.parent.mkdir(parents=True, exist_ok=True)  # only the default's: an explicit one exists
     try:
         return JournalStorage(JournalFileBackend(str(path), lock_obj=FlockLock(str(path))))
     except ValueError as exc:  # a later line that is not JSON: a damaged journal
-        raise UserError(f"--storage {path} cannot be read as Optuna's journal ({type(exc).__name__}: {exc}); "
+        raise UserError(f"--storage {path} cannot be read as Optuna's journal ({first_line(exc)}); "
                         "check --storage and --results-dir") from None
 
 
@@ -304,7 +300,7 @@ class RunStore:
         self.set_attrs(trial_id, {"closed": why, "fail_reason": reason})
         self.storage.set_trial_state_values(trial_id, TrialState.PRUNED)
 
-    def claim(self, worker: str, keys: set[str]) -> tuple[int, RunConfig] | None:
+    def claim(self, worker: str, keys: AbstractSet[str]) -> tuple[int, RunConfig] | None:
         """Take one queued run of the grid `keys` for `worker`, or None when none is queued."""
         self.reclaim_expired()
         for t in self._runs((TrialState.WAITING,)):
@@ -321,7 +317,7 @@ class RunStore:
             return trial_id, RunConfig.from_attrs(t.user_attrs["config"])
         return None
 
-    def cancel(self, keys: set[str]) -> int:
+    def cancel(self, keys: AbstractSet[str]) -> int:
         """Close the queued runs of the grid `keys` without training them; returns how many."""
         cancelled = 0
         for t in self._runs((TrialState.WAITING,)):
@@ -330,7 +326,7 @@ class RunStore:
                 cancelled += 1
         return cancelled
 
-    def unfinished(self, keys: set[str]) -> set[str]:
+    def unfinished(self, keys: AbstractSet[str]) -> set[str]:
         """The runs of the grid `keys` still queued or running, here or in other workers."""
         trials = [t for t in self._runs() if t.user_attrs["run_key"] in keys]
         complete = {t.user_attrs["run_key"] for t in trials if t.state == TrialState.COMPLETE}

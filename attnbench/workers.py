@@ -58,7 +58,7 @@ def worker_main(settings: WorkerSettings) -> int:
     rt = Runtime(device=torch.device(settings.device), compile=settings.compile,
                  channels_last=settings.channels_last, progress=False)
     store = RunStore(open_storage(settings.storage, settings.results_dir), settings.study)
-    return work(store, set(settings.keys), SplitCache(settings.data_dir, settings.download, rt), rt,
+    return work(store, settings.keys, SplitCache(settings.data_dir, settings.download, rt), rt,
                 settings.checkpoint_dir, wait=settings.wait)
 
 
@@ -75,7 +75,7 @@ def launch(settings: WorkerSettings, store: RunStore, slots: list[str | None], p
         print(f"worker {proc.pid} died (exit code {proc.exitcode}); requeued {held} run(s)", file=sys.stderr)
 
     supervise([functools.partial(spawn, _process_main, (settings,), slot) for slot in slots], release,
-              lambda: bool(store.unfinished(set(settings.keys))), poll)
+              lambda: bool(store.unfinished(settings.keys)), poll)
 
 
 def spawn(target: Callable, args: tuple, slot: str | None = None) -> mp.Process:

@@ -270,3 +270,14 @@ def test_option_values_take_the_type_of_the_default():
     assert _as_type_of(True, "false") is False and _as_type_of(False, "1") is True
     with pytest.raises(ValueError):
         _as_type_of(True, "maybe")
+
+
+def test_each_module_is_checked_once_whatever_the_datasets(monkeypatch):
+    from attnbench import cli
+
+    checked = []
+    monkeypatch.setattr(cli, "check_builds", lambda cfg, compile: checked.append((cfg.module, cfg.options)))
+    args = cli.build_parser().parse_args([*TINY, "--modules", "se", "--opt", "se.reduction=8",
+                                          "--datasets", "synthetic,cifar10,cifar100", "--seeds", "0,1"])
+    configs, _ = cli.plan(args, lambda m, d: {})
+    assert len(configs) == 12 and checked == [("none", ()), ("se", (("reduction", 8),))]

@@ -62,6 +62,7 @@ def test_a_command_killed_anywhere_and_run_again_ends_bit_identical(tmp_path, un
     again = bench(tmp_path)
     assert again.returncode == 0, again.stderr
     weights, history = outcome(tmp_path)
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp"))  # a killed writer's half file is gone
     want_weights, want_history = uninterrupted
     assert history == want_history
     assert weights.keys() == want_weights.keys() and all(torch.equal(weights[k], want_weights[k]) for k in weights)

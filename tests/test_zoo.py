@@ -235,23 +235,25 @@ def test_ge_theta_minus_global_is_a_sigmoid_of_the_mean():
 
 
 @pytest.mark.parametrize("extent", [2, 4])
-def test_ge_theta_minus_with_an_extent_averages_windows_then_repeats_each(extent):
+@pytest.mark.parametrize("h, w", [(8, 8), (8, 6)])  # 6 is no multiple of 4: pooled cells cover unequal spans
+def test_ge_theta_minus_with_an_extent_averages_windows_then_spreads_them_back(extent, h, w):
     gate, _ = build("ge", extent=extent)
     reach = extent - 1  # a 2e-1 window at stride e, centred: e-1 pixels each way, clipped at the border
 
     def formula(x):
-        n, c, h, w = x.shape
-        rows, cols = -(-h // extent), -(-w // extent)
+        n, c = x.shape[:2]
+        rows, cols = (h + 2 * reach - (2 * extent - 1)) // extent + 1, (w + 2 * reach - (2 * extent - 1)) // extent + 1
         pooled = torch.empty(n, c, rows, cols, dtype=x.dtype)
         for i in range(rows):
             for j in range(cols):
                 r0, c0 = i * extent - reach, j * extent - reach
                 window = x[:, :, max(r0, 0):r0 + 2 * extent - 1, max(c0, 0):c0 + 2 * extent - 1]
                 pooled[:, :, i, j] = window.mean((2, 3))
-        spread = pooled.repeat_interleave(extent, 2).repeat_interleave(extent, 3)[:, :, :h, :w]
+        # nearest: output pixel (i, j) takes pooled cell (floor(i * rows / h), floor(j * cols / w))
+        spread = pooled[:, :, [i * rows // h for i in range(h)]][:, :, :, [j * cols // w for j in range(w)]]
         return x * torch.sigmoid(spread)
 
-    assert_same_values_and_gradients(gate, formula, x64(h=8, w=8))
+    assert_same_values_and_gradients(gate, formula, x64(h=h, w=w))
 
 
 def test_ge_theta_stacks_depthwise_strided_convs_with_bn():
